@@ -1,0 +1,168 @@
+"""Deployment config: parsed once from a model's config.pbtxt ``parameters``, validated, typed.
+
+Every key of a model's ``parameters`` block lands in exactly one field below or in the
+family's own options dataclass (declared by its pipeline class). An unknown key or a bad
+value fails the model load with a :class:`ConfigError` naming the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_MODEL_ROOT = "~/.cache/omni-triton/models"
+_DTYPES = ("float32", "bfloat16", "float16")
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A config parameter is unknown, missing or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on the work one request may ask for, enforced before any work starts."""
+
+    max_pixels: int = 2048 * 2048  # height * width
+    max_side: int = 4096  # height or width alone
+    max_steps: int = 500  # num_inference_steps
+    max_prompt_bytes: int = 8192  # UTF-8 bytes of prompt / negative_prompt
+    max_guidance: float = 100.0  # |guidance_scale|, |true_cfg_scale|
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches requests."""
+
+    max_num_seqs: int = 8  # requests sharing one transformer call per step
+    max_queue_size: int = 256  # waiting requests beyond which new ones are refused
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole validated config of one Triton model."""
+
+    family: str  # registry name of the pipeline, e.g. "flux"
+    model: str  # checkpoint: absolute path, name under model_root, or Hugging Face id
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" follows Triton's instance kind; or "cpu", "cuda", "cuda:N"
+    model_root: str = DEFAULT_MODEL_ROOT
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
+
+    def resolve_checkpoint(self) -> str:
+        """Turn ``model`` into what ``from_pretrained`` takes: a local folder or a hub id."""
+        if os.path.isabs(self.model):
+            return self.model
+        root = Path(os.path.expanduser(os.environ.get("OMNI_MODEL_ROOT", self.model_root)))
+        candidate = (root / self.model).resolve()
+        if candidate.is_dir():
+            # a name must stay inside the model root: "../../etc" is not a model name
+            if root.resolve() not in candidate.parents:
+                raise ConfigError(f"model: {self.model!r} resolves outside the model root {root}")
+            return str(candidate)
+        if _HF_ID.match(self.model) and ".." not in self.model:
+            return self.model
+        raise ConfigError(
+            f"model: {self.model!r} is neither an absolute path, a folder under {root} "
+            "(set OMNI_MODEL_ROOT or model_root), nor a Hugging Face id"
+        )
+
+
+_T = TypeVar("_T")
+
+
+def parse_dataclass(cls: type[_T], values: dict[str, str], prefix: str = "") -> _T:
+    """Build ``cls`` from string values, consuming (popping) the keys it declares.
+
+    Types come from the dataclass annotations (int, float, bool, str). Keys are matched
+    as ``prefix + field name``; the caller checks that nothing unknown is left.
+    """
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = prefix + f.name
+        if key not in values:
+            continue
+        raw = values.pop(key)
+        kwargs[f.name] = _convert(key, raw, f.type, f.default)
+    return cls(**kwargs)
+
+
+def _convert(key: str, raw: str, annotation: Any, default: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if kind == "Any":  # option values without a declared type keep their string form
+        kind = type(default).__name__
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind == "int":
+            value: Any = int(raw)
+            if value < 0:
+                raise ValueError
+            return value
+        if kind == "float":
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError
+            return value
+    except ValueError:
+        raise ConfigError(f"{key}: {raw!r} is not a valid {'non-negative ' if kind == 'int' else ''}{kind}") from None
+    return raw
+
+
+def parameters_from_model_config(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten Triton's ``{"key": {"string_value": "v"}}`` parameters into ``{"key": "v"}``."""
+    params = model_config.get("parameters") or {}
+    return {key: str(value.get("string_value", "")) for key, value in params.items()}
+
+
+def parse_model_config(parameters: Mapping[str, str], options_cls: type | None = None) -> ModelConfig:
+    """Validate a model's parameters; ``options_cls`` is the family's options dataclass."""
+    values = {k: v for k, v in parameters.items()}
+    for required in ("family", "model"):
+        if not values.get(required):
+            raise ConfigError(f"{required}: required parameter is missing from config.pbtxt")
+    family, model = values.pop("family"), values.pop("model")
+    dtype = values.pop("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+    device = values.pop("device", "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device: {device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    model_root = values.pop("model_root", DEFAULT_MODEL_ROOT)
+    limits = parse_dataclass(RequestLimits, values)
+    engine = parse_dataclass(EngineConfig, values)
+    for key, value in (("max_num_seqs", engine.max_num_seqs), ("max_steps", limits.max_steps)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    options = parse_dataclass(options_cls, values) if options_cls is not None else None
+    if values:
+        raise ConfigError(f"{sorted(values)[0]}: unknown config parameter (known keys: {_known_keys(options_cls)})")
+    return ModelConfig(
+        family=family,
+        model=model,
+        dtype=dtype,
+        device=device,
+        model_root=model_root,
+        limits=limits,
+        engine=engine,
+        options=options,
+    )
+
+
+def _known_keys(options_cls: type | None) -> str:
+    names = ["family", "model", "dtype", "device", "model_root"]
+    for cls in (RequestLimits, EngineConfig, options_cls):
+        if cls is not None:
+            names += [f.name for f in dataclasses.fields(cls)]
+    return ", ".join(names)

@@ -1,0 +1,113 @@
+"""The pipeline stage API every family implements (DESIGN section 2).
+
+The one-model pipeline, the ensemble stages and the step-batching engine all drive a family
+through these five verbs, so a family is written once:
+
+    encode(requests)            -> one Conditioning per request (text-encoder stage)
+    prepare(request, cond)      -> DenoiseState: latents, timesteps, its own scheduler
+    denoise(states)             -> ONE transformer call for the current step of many requests
+    step(states, noise_preds)   -> scheduler update per request
+    decode(latents)             -> uint8 pixels (VAE stage)
+
+``output_latents(state)`` hands the finished latents over, in the layout ``decode`` takes:
+that tensor is what travels between the ensemble's transformer and VAE stages.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from omni_backend.config import RequestLimits
+from omni_backend.request import DiffusionRequest, SamplingDefaults
+
+# Per-request text conditioning, keyed by the family's tensor names (no batch dimension).
+Conditioning = dict[str, torch.Tensor]
+
+
+class Component(enum.Flag):
+    """Which parts of a pipeline a Triton model loads (an ensemble stage loads one)."""
+
+    TEXT_ENCODER = enum.auto()
+    TRANSFORMER = enum.auto()
+    VAE = enum.auto()
+    ALL = TEXT_ENCODER | TRANSFORMER | VAE
+
+
+@dataclass
+class DenoiseState:
+    """Engine-owned state of one request between steps. Families subclass it for their extras."""
+
+    request: DiffusionRequest
+    latents: torch.Tensor  # the family's working layout, batch dimension 1
+    timesteps: torch.Tensor  # the full schedule of this request
+    scheduler: Any  # this request's own scheduler instance (schedulers are stateful)
+    step_index: int = 0  # next step to run
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+
+class PipelineStages(ABC):
+    """A diffusion family on the stage API. Subclasses live in ``pipelines/<family>.py``."""
+
+    # The family's own config.pbtxt options (a dataclass), or None.
+    options_cls: ClassVar[type | None] = None
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
+    ) -> PipelineStages:
+        """Load only ``components`` of ``checkpoint`` with diffusers' ``from_pretrained``."""
+
+    @property
+    @abstractmethod
+    def defaults(self) -> SamplingDefaults:
+        """Defaults and size step of this checkpoint."""
+
+    @abstractmethod
+    def batch_key(self, request: DiffusionRequest) -> Hashable:
+        """Requests with equal keys can share one transformer call."""
+
+    @abstractmethod
+    def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
+        """Encode the prompts of many requests in one text-encoder pass."""
+
+    @abstractmethod
+    def conditioning_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Conditioning:
+        """Validate conditioning received from the text-encoder stage (InvalidRequestError if bad)."""
+
+    @abstractmethod
+    def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> DenoiseState:
+        """Initial latents (seeded like diffusers), timesteps and a scheduler of the request's own."""
+
+    @abstractmethod
+    def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        """One transformer call for the current step of every state; one noise prediction each."""
+
+    def step(self, states: Sequence[DenoiseState], noise_preds: Sequence[torch.Tensor]) -> None:
+        """Advance each request's own scheduler by one step."""
+        for state, noise_pred in zip(states, noise_preds, strict=True):
+            t = state.timesteps[state.step_index]
+            state.latents = state.scheduler.step(noise_pred, t, state.latents, return_dict=False)[0]
+            state.step_index += 1
+
+    @abstractmethod
+    def output_latents(self, state: DenoiseState) -> torch.Tensor:
+        """The finished latents in the layout ``decode`` takes (batch dimension 1)."""
+
+    @abstractmethod
+    def latents_from_array(self, array: np.ndarray | None, limits: RequestLimits) -> torch.Tensor:
+        """Validate latents received from the transformer stage (InvalidRequestError if bad)."""
+
+    @abstractmethod
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Decode latents of equal shape in one VAE pass; uint8 [H, W, 3] each."""

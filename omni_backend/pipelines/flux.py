@@ -1,0 +1,265 @@
+"""FLUX.1 on the stage API, over diffusers' ``FluxPipeline`` components.
+
+Each stage reuses the FluxPipeline methods that diffusers' own ``__call__`` uses
+(``encode_prompt``, ``prepare_latents``, ``_unpack_latents``, ``calculate_shift``,
+``retrieve_timesteps``), so a served image equals what ``FluxPipeline`` returns for the same
+checkpoint, seed and parameters. What differs is batching: one transformer call serves the
+current step of many requests, each with its own timestep, guidance and scheduler, and the
+true-CFG negative branch rides in the same call as extra rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+
+_TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+@dataclass(frozen=True)
+class FluxOptions:
+    """config.pbtxt parameters specific to FLUX.1."""
+
+    max_sequence_length: int = 512  # T5 tokens; FluxPipeline's default and maximum
+
+
+@dataclass
+class FluxState(DenoiseState):
+    """A FLUX request between steps."""
+
+    conditioning: Conditioning | None = None
+    latent_image_ids: torch.Tensor | None = None  # rotary positions of the packed latents
+    do_true_cfg: bool = False  # negative prompt given and true_cfg_scale > 1, as FluxPipeline decides
+
+
+class FluxStages(PipelineStages):
+    options_cls = FluxOptions
+
+    def __init__(self, pipe: FluxPipeline, checkpoint: str, options: FluxOptions, device: torch.device):
+        self.pipe = pipe
+        self.options = options
+        self.device = device
+        # Stages that skip the VAE or the transformer still need their shapes: read the configs.
+        vae_config = pipe.vae.config if pipe.vae is not None else AutoencoderKL.load_config(checkpoint, subfolder="vae")
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.latent_channels = vae_config["latent_channels"]
+        pipe.vae_scale_factor = self.vae_scale_factor
+        transformer_config = (
+            pipe.transformer.config
+            if pipe.transformer is not None
+            else FluxTransformer2DModel.load_config(checkpoint, subfolder="transformer")
+        )
+        self.joint_attention_dim = transformer_config["joint_attention_dim"]
+        self.pooled_projection_dim = transformer_config["pooled_projection_dim"]
+
+    @classmethod
+    def load(
+        cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
+    ) -> FluxStages:
+        if not 1 <= options.max_sequence_length <= 512:
+            raise ConfigError(f"max_sequence_length: {options.max_sequence_length} is outside [1, 512]")
+        skip: dict[str, None] = {}
+        if Component.TEXT_ENCODER not in components:
+            skip.update(dict.fromkeys(_TEXT_MODULES))
+        if Component.TRANSFORMER not in components:
+            skip["transformer"] = None
+        if Component.VAE not in components:
+            skip["vae"] = None
+        pipe = FluxPipeline.from_pretrained(checkpoint, torch_dtype=dtype, **skip)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, checkpoint, options, device)
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        size = self.pipe.default_sample_size * self.vae_scale_factor
+        return SamplingDefaults(
+            height=size,
+            width=size,
+            num_inference_steps=28,
+            guidance_scale=3.5,
+            true_cfg_scale=1.0,
+            size_multiple=self.vae_scale_factor * 2,  # VAE downsampling x 2x2 latent packing
+        )
+
+    def batch_key(self, request: DiffusionRequest) -> Hashable:
+        text_len = (
+            request.conditioning["prompt_embeds"].shape[0]
+            if request.conditioning is not None
+            else self.options.max_sequence_length
+        )
+        return (request.params.height, request.params.width, text_len)
+
+    # ------------------------------------------------------------------ 1. encode
+
+    @torch.inference_mode()
+    def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=[r.prompt for r in requests],
+            device=self.device,
+            max_sequence_length=self.options.max_sequence_length,
+        )
+        out: list[Conditioning] = [
+            {"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(requests))
+        ]
+        cfg_rows = [i for i, r in enumerate(requests) if _wants_true_cfg(r.negative_prompt, r.params.true_cfg_scale)]
+        if cfg_rows:
+            neg_embeds, neg_pooled, _ = self.pipe.encode_prompt(
+                prompt=[requests[i].negative_prompt for i in cfg_rows],
+                device=self.device,
+                max_sequence_length=self.options.max_sequence_length,
+            )
+            for j, i in enumerate(cfg_rows):
+                out[i]["negative_prompt_embeds"] = neg_embeds[j]
+                out[i]["negative_pooled_prompt_embeds"] = neg_pooled[j]
+        return out
+
+    def conditioning_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Conditioning:
+        expected = {
+            "prompt_embeds": (None, self.joint_attention_dim),
+            "pooled_prompt_embeds": (self.pooled_projection_dim,),
+            "negative_prompt_embeds": (None, self.joint_attention_dim),
+            "negative_pooled_prompt_embeds": (self.pooled_projection_dim,),
+        }
+        cond: Conditioning = {}
+        for name, shape in expected.items():
+            if name not in arrays:
+                continue
+            array = np.asarray(arrays[name])
+            if array.ndim != len(shape) or any(
+                s is not None and s != a for s, a in zip(shape, array.shape, strict=True)
+            ):
+                wanted = ["L" if s is None else s for s in shape]
+                raise InvalidRequestError(name, f"expected shape {wanted}, got {list(array.shape)}")
+            if not np.isfinite(array).all():
+                raise InvalidRequestError(name, "contains NaN or infinite values")
+            cond[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        for required in ("prompt_embeds", "pooled_prompt_embeds"):
+            if required not in cond:
+                raise InvalidRequestError(required, "is required")
+        length = cond["prompt_embeds"].shape[0]
+        if not 1 <= length <= 512:
+            raise InvalidRequestError("prompt_embeds", f"sequence length {length} is outside [1, 512]")
+        negatives = {"negative_prompt_embeds", "negative_pooled_prompt_embeds"} & cond.keys()
+        if len(negatives) == 1:
+            raise InvalidRequestError(negatives.pop(), "the negative embeddings must come as a pair")
+        if "negative_prompt_embeds" in cond and cond["negative_prompt_embeds"].shape[0] != length:
+            raise InvalidRequestError("negative_prompt_embeds", f"sequence length must equal prompt_embeds' ({length})")
+        return cond
+
+    # ------------------------------------------------------------------ 2. prepare
+
+    @torch.inference_mode()
+    def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> FluxState:
+        params = request.params
+        transformer = self.pipe.transformer
+        dtype = transformer.dtype
+        conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
+        # Same draw as FluxPipeline(generator=torch.Generator("cpu").manual_seed(seed)): CPU generator
+        # whatever the device, so a seed means the same image on every machine.
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        latents, latent_image_ids = self.pipe.prepare_latents(
+            1, transformer.config.in_channels // 4, params.height, params.width, dtype, self.device, generator
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        steps = params.num_inference_steps
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return FluxState(
+            request=request,
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            conditioning=conditioning,
+            latent_image_ids=latent_image_ids,
+            do_true_cfg=params.true_cfg_scale > 1 and "negative_prompt_embeds" in conditioning,
+        )
+
+    # ------------------------------------------------------------------ 3. denoise
+
+    @torch.inference_mode()
+    def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        flux_states: list[FluxState] = list(states)  # type: ignore[arg-type]
+        cfg = [s for s in flux_states if s.do_true_cfg]
+        # Rows: the conditional branch of every request, then the negative branch of the CFG ones.
+        rows = [(s, "") for s in flux_states] + [(s, "negative_") for s in cfg]
+        latents = torch.cat([s.latents for s, _ in rows])
+        dtype = latents.dtype
+        timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(dtype)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.tensor(
+                [s.request.params.guidance_scale for s, _ in rows], device=self.device, dtype=torch.float32
+            )
+        text = torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
+        pooled = torch.stack([s.conditioning[f"{p}pooled_prompt_embeds"] for s, p in rows])
+        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=dtype)
+        noise = self.pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=text_ids,
+            img_ids=flux_states[0].latent_image_ids,
+            return_dict=False,
+        )[0]
+        preds = [noise[i : i + 1] for i in range(len(flux_states))]
+        for j, state in enumerate(cfg):
+            i = flux_states.index(state)
+            neg = noise[len(flux_states) + j : len(flux_states) + j + 1]
+            preds[i] = neg + state.request.params.true_cfg_scale * (preds[i] - neg)
+        return preds
+
+    # ------------------------------------------------------------------ 4. decode
+
+    def output_latents(self, state: DenoiseState) -> torch.Tensor:
+        params = state.request.params
+        return self.pipe._unpack_latents(state.latents, params.height, params.width, self.vae_scale_factor)
+
+    def latents_from_array(self, array: np.ndarray | None, limits: RequestLimits) -> torch.Tensor:
+        if array is None:
+            raise InvalidRequestError("latents", "is required")
+        channels = self.latent_channels
+        if array.ndim != 3 or array.shape[0] != channels:
+            raise InvalidRequestError("latents", f"expected shape [{channels}, H/8, W/8], got {list(array.shape)}")
+        height, width = (side * self.vae_scale_factor for side in array.shape[1:])
+        if height * width > limits.max_pixels or min(height, width) == 0:
+            raise InvalidRequestError(
+                "latents", f"decodes to {height}x{width}, outside (0, {limits.max_pixels}] pixels"
+            )
+        if not np.isfinite(array).all():
+            raise InvalidRequestError("latents", "contains NaN or infinite values")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+
+    @torch.inference_mode()
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        vae = self.pipe.vae
+        batch = torch.cat([x.to(self.device, vae.dtype) for x in latents])
+        batch = batch / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(batch, return_dict=False)[0]
+        pixels = self.pipe.image_processor.postprocess(image, output_type="np")
+        # the same rounding as diffusers' numpy_to_pil, so PIL output and ours agree exactly
+        return [(p * 255).round().astype(np.uint8) for p in pixels]
+
+
+def _wants_true_cfg(negative_prompt: str | None, true_cfg_scale: float) -> bool:
+    return negative_prompt is not None and true_cfg_scale > 1

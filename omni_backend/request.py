@@ -1,0 +1,187 @@
+"""User-facing request types and their validation.
+
+``SamplingParams`` is what the user asked for, ``DiffusionRequest`` is one validated request
+as the engine sees it, ``DiffusionOutput`` is what goes back. Validation works on plain
+numpy arrays (one request, batch dimension removed) so it is tested without Triton; every
+rejection is an :class:`InvalidRequestError` naming the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omni_backend.config import RequestLimits
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request input is missing, malformed or out of range."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a family uses when a request leaves a parameter out, and what sizes it takes."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float = 1.0
+    size_multiple: int = 16  # height and width must be multiples of this
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The parameters of one generation, defaults filled in."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    seed: int
+
+
+@dataclass
+class DiffusionRequest:
+    """One validated request, as the engine schedules it."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None  # None when the text-encoder stage already produced conditioning
+    negative_prompt: str | None = None
+    # Tensors from the text-encoder stage (ensemble): skip encode. Names are the family's.
+    conditioning: dict[str, Any] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_steps(self) -> int:
+        return self.params.num_inference_steps
+
+
+@dataclass
+class DiffusionOutput:
+    """The result of one request: named output arrays, or an error message."""
+
+    request_id: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], name: str) -> Any | None:
+    if name not in inputs:
+        return None
+    array = np.asarray(inputs[name])
+    if array.size != 1:
+        raise InvalidRequestError(name, f"expected exactly one value, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def parse_text(inputs: Mapping[str, np.ndarray], name: str, limits: RequestLimits) -> str | None:
+    """Decode a TYPE_STRING input as strict UTF-8 within ``max_prompt_bytes``."""
+    raw = _scalar(inputs, name)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogatepass")
+    if not isinstance(raw, bytes | np.bytes_):
+        raise InvalidRequestError(name, "expected a UTF-8 string (TYPE_STRING / BYTES)")
+    if len(raw) > limits.max_prompt_bytes:
+        raise InvalidRequestError(
+            name, f"{len(raw)} bytes is longer than the limit of {limits.max_prompt_bytes} UTF-8 bytes"
+        )
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(name, f"is not valid UTF-8 (byte {exc.start})") from None
+    if "\x00" in text:
+        raise InvalidRequestError(name, "must not contain NUL characters")
+    return text
+
+
+def _int_in(inputs: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
+    raw = _scalar(inputs, name)
+    if raw is None:
+        return default
+    if not isinstance(raw, np.integer | int):
+        raise InvalidRequestError(name, f"expected an integer, got {type(raw).__name__}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise InvalidRequestError(name, f"{value} is outside the allowed range [{low}, {high}]")
+    return value
+
+
+def _float_in(inputs: Mapping[str, np.ndarray], name: str, default: float, low: float, high: float) -> float:
+    raw = _scalar(inputs, name)
+    if raw is None:
+        return default
+    if not isinstance(raw, np.floating | float | np.integer | int):
+        raise InvalidRequestError(name, f"expected a number, got {type(raw).__name__}")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise InvalidRequestError(name, f"{value} is not a finite number")
+    if not low <= value <= high:
+        raise InvalidRequestError(name, f"{value} is outside the allowed range [{low}, {high}]")
+    return value
+
+
+def parse_sampling_params(
+    inputs: Mapping[str, np.ndarray], defaults: SamplingDefaults, limits: RequestLimits
+) -> SamplingParams:
+    """Validate the sampling inputs of one request and fill in the family's defaults."""
+    multiple = defaults.size_multiple
+    side_max = limits.max_side - limits.max_side % multiple
+    height = _int_in(inputs, "height", defaults.height, multiple, side_max)
+    width = _int_in(inputs, "width", defaults.width, multiple, side_max)
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise InvalidRequestError(name, f"{value} is not a multiple of {multiple} (this model's size step)")
+    if height * width > limits.max_pixels:
+        raise InvalidRequestError(
+            "height", f"height x width = {height}x{width} exceeds the limit of {limits.max_pixels} pixels"
+        )
+    steps = _int_in(inputs, "num_inference_steps", defaults.num_inference_steps, 1, limits.max_steps)
+    guidance = _float_in(inputs, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance)
+    true_cfg = _float_in(inputs, "true_cfg_scale", defaults.true_cfg_scale, 0.0, limits.max_guidance)
+    seed = _int_in(inputs, "seed", random.randint(0, 2**31 - 1), INT64_MIN, INT64_MAX)
+    return SamplingParams(
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        true_cfg_scale=true_cfg,
+        seed=seed,
+    )
+
+
+def parse_prompt_request(
+    request_id: str,
+    inputs: Mapping[str, np.ndarray],
+    defaults: SamplingDefaults,
+    limits: RequestLimits,
+) -> DiffusionRequest:
+    """A text-to-image request: ``prompt`` (required), ``negative_prompt`` and sampling params."""
+    prompt = parse_text(inputs, "prompt", limits)
+    if prompt is None:
+        raise InvalidRequestError("prompt", "is required")
+    return DiffusionRequest(
+        request_id=request_id,
+        params=parse_sampling_params(inputs, defaults, limits),
+        prompt=prompt,
+        negative_prompt=parse_text(inputs, "negative_prompt", limits),
+    )

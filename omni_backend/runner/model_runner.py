@@ -1,0 +1,113 @@
+"""Model runner: owns the loaded pipeline stages and the per-request state, executes step plans.
+
+The same ``execute`` serves the one-model pipeline (finished requests are decoded to ``image``)
+and the ensemble's transformer stage (finished requests hand back ``latents`` for the VAE stage).
+A fault inside a step fails the requests of that step, never the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from omni_backend.config import ModelConfig
+from omni_backend.engine.scheduler import StepPlan, StepResult
+from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
+from omni_backend.registry import resolve_family
+from omni_backend.request import DiffusionOutput, DiffusionRequest
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunnerOutput(enum.Enum):
+    """What a finished request leaves as."""
+
+    IMAGE = "image"  # decoded pixels: the one-model pipeline
+    LATENTS = "latents"  # VAE-ready latents: the ensemble's transformer stage
+
+
+def resolve_device(setting: str, instance_kind: str, device_id: int) -> torch.device:
+    """``auto`` follows Triton's instance kind: KIND_GPU -> cuda:<device id>, else the CPU."""
+    if setting == "auto":
+        use_gpu = instance_kind.upper() in ("GPU", "KIND_GPU") and torch.cuda.is_available()
+        return torch.device(f"cuda:{device_id}") if use_gpu else torch.device("cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {setting!r} requested but CUDA is not available on this machine")
+    return torch.device(setting)
+
+
+def load_stages(config: ModelConfig, components: Component, device: torch.device) -> PipelineStages:
+    stages_cls = resolve_family(config.family)
+    return stages_cls.load(config.resolve_checkpoint(), components, _DTYPES[config.dtype], device, config.options)
+
+
+class ModelRunner:
+    def __init__(self, stages: PipelineStages, output: RunnerOutput):
+        self.stages = stages
+        self.output = output
+        self.states: dict[str, DenoiseState] = {}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult()
+        failed = self._admit(plan.admitted, result)
+        running = [self.states[i] for i in plan.running_ids if i not in failed]
+        if not running:
+            return result
+        try:
+            self.stages.step(running, self.stages.denoise(running))
+        except Exception as exc:  # a fault in the shared call fails every request in it
+            self._fail(running, "denoising step", exc, result)
+            return result
+        done = [s for s in running if s.finished]
+        if done:
+            self._finish(done, result)
+        return result
+
+    def _admit(self, requests: Sequence[DiffusionRequest], result: StepResult) -> set[str]:
+        """Encode (one batched pass) and prepare the requests joining now; return the ids that failed."""
+        if not requests:
+            return set()
+        try:
+            to_encode = [r for r in requests if r.conditioning is None]
+            encoded = iter(self.stages.encode(to_encode) if to_encode else [])
+            for request in requests:
+                conditioning = request.conditioning if request.conditioning is not None else next(encoded)
+                self.states[request.request_id] = self.stages.prepare(request, conditioning)
+        except Exception as exc:
+            states = [self.states.pop(r.request_id, None) for r in requests]
+            for request in requests:
+                logger.exception("request %s failed while encoding: %s", request.request_id, exc)
+                result.finished.append(DiffusionOutput(request.request_id, error=f"encoding failed: {exc}"))
+            del states
+            return {r.request_id for r in requests}
+        return set()
+
+    def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
+        try:
+            latents = [self.stages.output_latents(s) for s in done]
+            if self.output is RunnerOutput.IMAGE:
+                arrays = self.stages.decode(latents)
+            else:
+                arrays = [x[0].float().cpu().numpy() for x in latents]
+        except Exception as exc:
+            self._fail(done, "decoding", exc, result)
+            return
+        for state, array in zip(done, arrays, strict=True):
+            del self.states[state.request.request_id]
+            result.finished.append(DiffusionOutput(state.request.request_id, {self.output.value: array}))
+
+    def _fail(self, states: list[DenoiseState], where: str, exc: Exception, result: StepResult) -> None:
+        for state in states:
+            request_id = state.request.request_id
+            logger.error("request %s failed during %s: %r", request_id, where, exc)
+            self.states.pop(request_id, None)
+            result.finished.append(DiffusionOutput(request_id, error=f"{where} failed: {exc}"))
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            self.states.pop(request_id, None)

@@ -1,0 +1,73 @@
+"""Ensemble stages answered inside ``execute``: text encoder and VAE.
+
+Each does one batched pass over the valid requests of the batch Triton's dynamic batcher
+formed; an invalid request gets its own INVALID_ARG and never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from omni_backend.pipelines.base import Component
+from omni_backend.request import InvalidRequestError, parse_prompt_request
+from omni_backend.triton import tensors
+from omni_backend.triton.base import OmniModel
+
+
+class TextEncoderStageModel(OmniModel):
+    """Ensemble stage: ``prompt`` / ``negative_prompt`` in, the family's conditioning tensors out."""
+
+    components = Component.TEXT_ENCODER
+
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
+        responses: list[Any] = [None] * len(requests)
+        valid = []
+        for i, request in enumerate(requests):
+            try:
+                arrays = tensors.request_arrays(request)
+                valid.append((i, parse_prompt_request(str(i), arrays, self.stages.defaults, self.config.limits)))
+            except InvalidRequestError as exc:
+                responses[i] = tensors.invalid_arg(exc)
+        if valid:
+            try:
+                encoded = self.stages.encode([parsed for _, parsed in valid])
+                for (i, _), conditioning in zip(valid, encoded, strict=True):
+                    responses[i] = tensors.output_response(
+                        {name: value.float().cpu().numpy() for name, value in conditioning.items()}
+                    )
+            except Exception as exc:
+                self.log.exception("text encoding failed for a batch of %d", len(valid))
+                for i, _ in valid:
+                    responses[i] = tensors.internal(f"text encoding failed: {exc}")
+        return responses
+
+
+class VaeStageModel(OmniModel):
+    """Ensemble stage: ``latents`` in, ``image`` out; latents of one shape decode together."""
+
+    components = Component.VAE
+
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
+        responses: list[Any] = [None] * len(requests)
+        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            try:
+                arrays = tensors.request_arrays(request)
+                latents = self.stages.latents_from_array(arrays.get("latents"), self.config.limits)
+                by_shape[tuple(latents.shape)].append((i, latents))
+            except InvalidRequestError as exc:
+                responses[i] = tensors.invalid_arg(exc)
+        for group in by_shape.values():
+            try:
+                images = self.stages.decode([latents for _, latents in group])
+                for (i, _), image in zip(group, images, strict=True):
+                    responses[i] = tensors.output_response({"image": image})
+            except Exception as exc:
+                self.log.exception("decoding failed for a batch of %d", len(group))
+                for i, _ in group:
+                    responses[i] = tensors.internal(f"decoding failed: {exc}")
+        return responses
