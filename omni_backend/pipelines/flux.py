@@ -75,7 +75,7 @@ class FluxStages(PipelineStages):
             skip["transformer"] = None
         if Component.VAE not in components:
             skip["vae"] = None
-        pipe = FluxPipeline.from_pretrained(checkpoint, torch_dtype=dtype, **skip)
+        pipe = FluxPipeline.from_pretrained(checkpoint, dtype=dtype, **skip)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, checkpoint, options, device)
