@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omni_backend.config import RequestLimits
+from omni_backend.request import InvalidRequestError, SamplingDefaults, parse_prompt_request
+
+DEFAULTS = SamplingDefaults(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5, size_multiple=16)
+LIMITS = RequestLimits()
+
+
+def parse(**inputs):
+    arrays = {"prompt": np.array([b"a cat"], dtype=object)}
+    arrays.update({k: v if isinstance(v, np.ndarray) else np.array([v]) for k, v in inputs.items()})
+    return parse_prompt_request("r1", arrays, DEFAULTS, LIMITS)
+
+
+def test_defaults_filled_in():
+    request = parse()
+    assert request.prompt == "a cat" and request.negative_prompt is None
+    p = request.params
+    assert (p.height, p.width, p.num_inference_steps, p.guidance_scale, p.true_cfg_scale) == (1024, 1024, 28, 3.5, 1.0)
+    assert isinstance(p.seed, int)
+
+
+def test_values_taken():
+    request = parse(
+        height=np.array([512], np.int32),
+        width=np.array([768], np.int32),
+        num_inference_steps=np.array([200], np.int32),
+        guidance_scale=np.array([0.0], np.float32),
+        true_cfg_scale=np.array([4.0], np.float32),
+        seed=np.array([-(2**63)], np.int64),
+        negative_prompt=np.array(["blurry ✗".encode()], dtype=object),
+    )
+    p = request.params
+    assert (p.height, p.width, p.num_inference_steps, p.seed) == (512, 768, 200, -(2**63))
+    assert request.negative_prompt == "blurry ✗"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field", "words"),
+    [
+        ({"height": np.array([-16], np.int32)}, "height", "range"),
+        ({"width": np.array([2**31 - 1], np.int32)}, "width", "range"),
+        ({"height": np.array([100], np.int32)}, "height", "multiple of 16"),
+        ({"height": np.array([4096], np.int32), "width": np.array([4096], np.int32)}, "height", "pixels"),
+        ({"num_inference_steps": np.array([0], np.int32)}, "num_inference_steps", "[1, 500]"),
+        ({"num_inference_steps": np.array([10**6], np.int32)}, "num_inference_steps", "range"),
+        ({"guidance_scale": np.array([np.nan], np.float32)}, "guidance_scale", "finite"),
+        ({"true_cfg_scale": np.array([np.inf], np.float32)}, "true_cfg_scale", "finite"),
+        ({"guidance_scale": np.array([1e9], np.float32)}, "guidance_scale", "range"),
+        ({"height": np.array([1.5], np.float32)}, "height", "integer"),
+        ({"prompt": np.array([b"\xff\xfe"], dtype=object)}, "prompt", "UTF-8"),
+        ({"prompt": np.array([b"x" * 9000], dtype=object)}, "prompt", "limit"),
+        ({"prompt": np.array([b"a\x00b"], dtype=object)}, "prompt", "NUL"),
+        ({"negative_prompt": np.array([b"\xc3"], dtype=object)}, "negative_prompt", "UTF-8"),
+        ({"seed": np.array([1, 2], np.int64)}, "seed", "exactly one"),
+    ],
+)
+def test_bad_inputs_name_the_field(inputs, field, words):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(**inputs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}:") and words in str(info.value)
+
+
+def test_prompt_required():
+    with pytest.raises(InvalidRequestError, match="^prompt: is required"):
+        parse_prompt_request("r", {}, DEFAULTS, LIMITS)
+
+
+def test_random_seed_when_absent_differs():
+    assert len({parse().params.seed for _ in range(8)}) > 1
