@@ -1,0 +1,36 @@
+# The README's two commands: `make serve` (install, build the demo checkpoint, serve) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel a fresh machine carries; a GPU host sets e.g. TORCH_SPEC="torch==2.13.0" with its own index.
+TORCH_SPEC ?= torch==2.13.0
+OMNI_MODEL_ROOT ?= $(HOME)/.cache/omni-triton/models
+export OMNI_MODEL_ROOT
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: install demo serve test lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]" -e ./client
+	touch $@
+
+demo: install
+	$(PY) -m omni_backend.testing.tiny --family flux --out $(OMNI_MODEL_ROOT)/tiny-flux
+
+serve: demo
+	$(PY) -m omni_backend.serve --model-repository model_repository \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: install
+	$(VENV)/bin/ruff check omni_backend client tests benchmarks
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) -m benchmarks.overhead
