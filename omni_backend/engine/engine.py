@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from omni_backend.config import EngineConfig
-from omni_backend.engine.scheduler import StepScheduler
+from omni_backend.engine.scheduler import StepResult, StepScheduler
 from omni_backend.request import DiffusionOutput, DiffusionRequest
 from omni_backend.runner.model_runner import ModelRunner
 
@@ -46,7 +46,12 @@ class DiffusionEngine:
                 if self._stopping:
                     return
                 plan = self.scheduler.schedule()
-            result = self.runner.execute(plan)
+            try:
+                result = self.runner.execute(plan)
+            except Exception as exc:  # a runner bug must fail the step's requests, never hang them
+                logger.exception("engine step failed")
+                self.runner.abort(plan.running_ids)
+                result = StepResult([DiffusionOutput(i, error=f"internal error: {exc}") for i in plan.running_ids])
             with self._wakeup:
                 self.scheduler.update(plan, result)
                 callbacks = [(self._callbacks.pop(o.request_id), o) for o in result.finished]

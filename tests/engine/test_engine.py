@@ -1,0 +1,107 @@
+"""The engine thread on the real tiny FLUX stages: deferred completion, faults, shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from omni_backend.config import EngineConfig
+from omni_backend.engine.engine import DiffusionEngine
+from omni_backend.engine.scheduler import QueueFullError
+from omni_backend.pipelines.base import Component
+from omni_backend.pipelines.flux import FluxOptions, FluxStages
+from omni_backend.request import DiffusionOutput, DiffusionRequest, SamplingParams
+from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_flux) -> FluxStages:
+    return FluxStages.load(str(tiny_flux), Component.ALL, torch.float32, torch.device("cpu"), FluxOptions())
+
+
+def request(request_id: str, seed: int = 0, steps: int = 2) -> DiffusionRequest:
+    return DiffusionRequest(request_id, SamplingParams(32, 32, steps, 3.5, 1.0, seed), prompt="a red circle")
+
+
+class Collector:
+    def __init__(self, expected: int):
+        self.outputs: dict[str, DiffusionOutput] = {}
+        self.expected = expected
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, output: DiffusionOutput) -> None:
+        with self.lock:
+            assert output.request_id not in self.outputs, "answered twice"
+            self.outputs[output.request_id] = output
+            if len(self.outputs) == self.expected:
+                self.done.set()
+
+
+def test_concurrent_submissions_all_complete(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(max_num_seqs=4))
+    collect = Collector(6)
+    threads = [threading.Thread(target=engine.submit, args=(request(str(i), seed=i), collect)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert collect.done.wait(60)
+    engine.stop()
+    images = [collect.outputs[str(i)].outputs["image"] for i in range(6)]
+    assert all(o.error is None for o in collect.outputs.values())
+    assert all(image.shape == (32, 32, 3) for image in images)
+    assert (images[0] != images[1]).any(), "different seeds gave the same image"
+
+
+class FailingOnceRunner(ModelRunner):
+    """Injects a bug into the first step (what no real input can trigger on demand)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.failed = False
+
+    def execute(self, plan):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected fault")
+        return super().execute(plan)
+
+
+def test_a_step_fault_fails_its_requests_and_the_engine_keeps_serving(stages):
+    engine = DiffusionEngine(FailingOnceRunner(stages, RunnerOutput.IMAGE), EngineConfig())
+    first = Collector(1)
+    engine.submit(request("a"), first)
+    assert first.done.wait(30)
+    assert "injected fault" in first.outputs["a"].error
+    second = Collector(1)
+    engine.submit(request("b"), second)
+    assert second.done.wait(30)
+    engine.stop()
+    assert second.outputs["b"].error is None and second.outputs["b"].outputs["image"].shape == (32, 32, 3)
+
+
+def test_stop_answers_every_pending_request(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(max_num_seqs=1))
+    collect = Collector(5)
+    for i in range(5):
+        engine.submit(request(str(i), steps=50), collect)
+    engine.stop()
+    assert collect.done.wait(30)
+    assert any("unloaded" in (o.error or "") for o in collect.outputs.values())
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(request("late"), collect)
+
+
+def test_a_full_queue_refuses_new_requests(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(max_num_seqs=1, max_queue_size=1))
+    collect = Collector(2)
+    engine.submit(request("a", steps=30), collect)
+    refused = 0
+    for i in range(3):  # the queue holds one waiting request at most
+        try:
+            engine.submit(request(f"b{i}", steps=1), collect)
+        except QueueFullError:
+            refused += 1
+    assert refused >= 1
+    engine.stop()
