@@ -1,0 +1,200 @@
+"""A real tritonserver, started through ``python -m omni_backend.serve``, for tests and benchmarks.
+
+    with TritonServerProcess(repo, env_extra={"OMNI_MODEL_ROOT": str(root)}) as server:
+        client = tritonclient.http.InferenceServerClient(server.http_url)
+
+The launcher runs in its own process group with its output in a log file; ``start`` returns once it
+printed the endpoints (the server answered ``/v2/health/ready``) and raises with the log's last lines
+if it exits or times out.  ``stop`` sends SIGTERM (the launcher forwards it to tritonserver), SIGKILLs
+after a grace period, and then makes sure no process of tritonserver's group (the server and its Python
+stubs) is left.  Everything still running at interpreter exit is stopped as well.  Unless ``extra_args``
+set it, ``--exit-timeout-secs=10`` is passed: tritonserver waits that long for open client connections.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+_SERVER_PID = re.compile(r"\[omni-serve\] tritonserver pid (\d+)")
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def free_ports(n: int = 3) -> tuple[int, ...]:
+    """``n`` distinct TCP ports that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("0.0.0.0", 0))
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the non-zombie processes in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class TritonServerProcess:
+    """``python -m omni_backend.serve`` on ``model_repository``; see the module docstring."""
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike[str],
+        env_extra: Mapping[str, str] | None = None,
+        ports: tuple[int, int, int] | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: str | os.PathLike[str] | None = None,
+        launcher_args: Sequence[str] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository)
+        self.env_extra = dict(env_extra or {})
+        http, grpc, metrics = ports or free_ports(3)
+        self.ports = (http, grpc, metrics)
+        self.extra_args = list(extra_args)
+        if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
+            # an idle keep-alive client connection otherwise holds the shutdown for tritonserver's 30 s
+            self.extra_args.append("--exit-timeout-secs=10")
+        self.launcher_args = list(launcher_args)
+        self._own_log = log_path is None
+        self.log_path = Path(log_path or tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.server_pid: int | None = None
+        self.returncode: int | None = None
+        self._log_text = ""
+
+    @property
+    def http_url(self) -> str:
+        """``127.0.0.1:PORT``, as tritonclient.http wants it."""
+        return f"127.0.0.1:{self.ports[0]}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports[1]}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[2]}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid (also its process group id)."""
+        return self._proc.pid if self._proc else None
+
+    def log(self) -> str:
+        """Everything the launcher and tritonserver printed so far."""
+        with contextlib.suppress(OSError):
+            self._log_text = self.log_path.read_text(errors="replace")
+        return self._log_text
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def command(self, ready_timeout: float) -> list[str]:
+        http, grpc, metrics = self.ports
+        cmd = [sys.executable, "-m", "omni_backend.serve", "--model-repository", str(self.model_repository)]
+        cmd += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+        cmd += [f"--ready-timeout={ready_timeout:g}", *self.launcher_args]
+        return cmd + (["--", *self.extra_args] if self.extra_args else [])
+
+    def start(self, timeout: float = 180.0) -> TritonServerProcess:
+        if self._proc is not None:
+            raise RuntimeError("TritonServerProcess.start() called twice")
+        env = {**os.environ, **self.env_extra, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                self.command(timeout), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )  # fmt: skip
+        atexit.register(self.stop)
+        ready = f"HTTP  http://127.0.0.1:{self.ports[0]}"
+        deadline = time.monotonic() + timeout + 15
+        while True:
+            text = self.log()
+            if self.server_pid is None and (m := _SERVER_PID.search(text)):
+                self.server_pid = int(m[1])
+            if ready in text:
+                return self
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with code {self._proc.returncode}" if self._proc.poll() is not None else (
+                    f"not ready after {timeout:g} s")  # fmt: skip
+                self.stop()
+                raise RuntimeError(f"tritonserver launcher {why}; last output:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """Stop launcher, server and stubs; returns the launcher's exit code (None if never started)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.returncode = proc.returncode
+        if self.server_pid is None and (m := _SERVER_PID.search(self.log())):
+            self.server_pid = int(m[1])
+        for sig, wait in ((0, grace), (signal.SIGKILL, 10.0)):  # server + stubs: only left if the
+            if self.server_pid is None or not live_group_members(self.server_pid):  # launcher was killed
+                break
+            if sig:
+                _killpg(self.server_pid, sig)
+            end = time.monotonic() + wait
+            while live_group_members(self.server_pid) and time.monotonic() < end:
+                time.sleep(0.1)
+        _killpg(proc.pid, signal.SIGKILL)  # anything else the launcher's group may hold
+        self.log()
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
+        atexit.unregister(self.stop)
+        return self.returncode
+
+    def __enter__(self) -> TritonServerProcess:
+        return self if self._proc is not None else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
