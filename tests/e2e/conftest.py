@@ -1,0 +1,77 @@
+"""A real tritonserver, started through the launcher on free ports, serving model_repository/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from omni_backend.testing.server import TritonServerProcess
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+PROTOCOLS = ("grpc", "http")
+_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+
+
+@pytest.fixture(scope="session")
+def server(model_root: Path):
+    process = TritonServerProcess(REPOSITORY, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
+    process.start(timeout=600)
+    yield process
+    process.stop()
+
+
+def wire(value) -> tuple[np.ndarray, str]:
+    """One request's input with its batch dimension of 1, and its Triton datatype."""
+    if isinstance(value, str | bytes):
+        data = value.encode() if isinstance(value, str) else value
+        return np.array([[data]], dtype=object), "BYTES"
+    array = np.asarray(value)
+    array = array.reshape(1, *array.shape) if array.ndim else array.reshape(1, 1)
+    return array, _DTYPES[array.dtype]
+
+
+class RawClient:
+    """tritonclient over one protocol, taking {name: value} with no client-side checks."""
+
+    def __init__(self, server: TritonServerProcess, protocol: str):
+        self.protocol = protocol
+        self.module = grpcclient if protocol == "grpc" else httpclient
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        self.client = self.module.InferenceServerClient(url, **({} if protocol == "grpc" else {"concurrency": 16}))
+
+    def inputs(self, values: dict) -> list:
+        tensors = []
+        for name, value in values.items():
+            array, dtype = wire(value)
+            tensor = self.module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return tensors
+
+    def infer(self, model: str, values: dict) -> np.ndarray:
+        return self.client.infer(model, self.inputs(values)).as_numpy("image")[0]
+
+    def infer_async(self, model: str, values: dict, callback):
+        """Sends without waiting; ``callback(image or None, error or None)``."""
+        if self.protocol == "grpc":
+
+            def done(result, error):
+                callback(None if error else result.as_numpy("image")[0], error)
+
+            self.client.async_infer(model, self.inputs(values), done)
+            return None
+        return self.client.async_infer(model, self.inputs(values))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client(request, server):
+    raw = RawClient(server, request.param)
+    yield raw
+    raw.close()
