@@ -1,0 +1,116 @@
+"""Serving overhead: a gRPC request to `flux` vs the in-process diffusers FluxPipeline call.
+
+Both run the same tiny FLUX checkpoint with the same prompt, size, steps and seed, on the same
+machine in the same session, alternating call by call so that drift in machine load hits both.
+The ratio of medians is the overhead (target <= 1.05). The served image is also checked against
+the in-process one, so the two sides provably did the same work.
+
+    python -m benchmarks.overhead [--size 768] [--steps 8] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+
+from omni_backend.testing.compare import fraction_close
+from omni_backend.testing.server import TritonServerProcess
+from omni_backend.testing.tiny import build_tiny_flux
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on a blue background"
+
+
+def grpc_inputs(size: int, steps: int, seed: int) -> list[grpcclient.InferInput]:
+    values = [
+        ("prompt", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
+        ("height", np.array([[size]], np.int32), "INT32"),
+        ("width", np.array([[size]], np.int32), "INT32"),
+        ("num_inference_steps", np.array([[steps]], np.int32), "INT32"),
+        ("seed", np.array([[seed]], np.int64), "INT64"),
+    ]
+    inputs = []
+    for name, array, dtype in values:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    args = parser.parse_args()
+
+    from diffusers import FluxPipeline
+
+    with tempfile.TemporaryDirectory() as models:
+        checkpoint = build_tiny_flux(Path(models) / "tiny-flux", seed=0)
+        pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+
+        def in_process(seed: int) -> np.ndarray:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            result = pipe(
+                PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator
+            )
+            return np.asarray(result.images[0])
+
+        server = TritonServerProcess(
+            ROOT / "model_repository",
+            env_extra={"OMNI_MODEL_ROOT": models},
+            extra_args=["--model-control-mode=explicit", "--load-model=flux"],
+        )
+        with server.start(timeout=600):
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+
+            def served(seed: int) -> np.ndarray:
+                return client.infer("flux", grpc_inputs(args.size, args.steps, seed)).as_numpy("image")[0]
+
+            for seed in (0, 1):  # warm-up both sides (allocator, thread pools)
+                in_process(seed), served(seed)
+            local_times, served_times, agreement = [], [], []
+            for i in range(args.repeats):
+                t0 = time.perf_counter()
+                expected = in_process(i)
+                t1 = time.perf_counter()
+                actual = served(i)
+                t2 = time.perf_counter()
+                local_times.append(t1 - t0)
+                served_times.append(t2 - t1)
+                agreement.append(fraction_close(actual, expected))
+            client.close()
+
+    local, remote = statistics.median(local_times), statistics.median(served_times)
+    result = {
+        "benchmark": "serving overhead (gRPC flux / in-process FluxPipeline)",
+        "checkpoint": "tiny-flux (omni_backend.testing.tiny, seed 0), float32",
+        "size": args.size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "in_process_median_s": round(local, 4),
+        "grpc_median_s": round(remote, 4),
+        "overhead_ratio": round(remote / local, 4),
+        "min_pixel_agreement": round(min(agreement), 6),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
