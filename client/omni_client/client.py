@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
-from ._concurrent import run_many_grpc, run_many_http
+from ._concurrent import run_many
 from .errors import InvalidRequestError, OmniClientError, translate_errors
 from .models import ModelInfo, parse_repository_index
 from .request import GenerationRequest, build_inputs, make_request
@@ -202,20 +202,22 @@ class OmniClient:
         if concurrency < 1:
             raise InvalidRequestError(f"concurrency must be >= 1, got {concurrency}")
         all_inputs = [build_inputs(make_request(r), self.protocol) for r in requests]
-        if self.protocol == "grpc":
-            raw = run_many_grpc(
-                self._triton,
-                model or self.model,
-                all_inputs,
-                concurrency,
-                return_exceptions,
-                self._kwargs(),
-                self._errors,
-            )
-        else:
-            raw = run_many_http(
-                self._connect, model or self.model, all_inputs, concurrency, return_exceptions, self._errors
-            )
+        name = model or self.model
+        if self.protocol == "grpc":  # the gRPC client is thread-safe: share it
+
+            def infer(inputs: list[Any]) -> Any:
+                return self._triton.infer(name, inputs, **self._kwargs())
+
+        else:  # tritonclient.http clients are not: one connection per request
+
+            def infer(inputs: list[Any]) -> Any:
+                triton = self._connect()
+                try:
+                    return triton.infer(name, inputs, **self._kwargs())
+                finally:
+                    triton.close()
+
+        raw = run_many(infer, all_inputs, concurrency, return_exceptions, self._errors)
         outputs: list[GenerationOutput | OmniClientError] = []
         for item in raw:
             if isinstance(item, OmniClientError):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from omni_client.cli import build_parser, main
 
 

@@ -6,6 +6,9 @@ import asyncio
 
 import numpy as np
 import pytest
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
 from omni_client import (
     INPUT_DATATYPES,
     AsyncOmniClient,
@@ -24,8 +27,6 @@ from omni_client.errors import translate_errors
 from omni_client.models import parse_repository_index
 from omni_client.request import make_request
 from omni_client.urls import check_protocol, uses_tls
-from PIL import Image
-from tritonclient.utils import InferenceServerException
 
 FULL = GenerationRequest(
     prompt="a fox",
