@@ -34,7 +34,7 @@ def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def flux_pipe(flux_ckpt: Path):
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(flux_ckpt, torch_dtype=torch.float32)
+    return FluxPipeline.from_pretrained(flux_ckpt, dtype=torch.float32)
 
 
 def test_layout_and_size(flux_ckpt: Path) -> None:
@@ -59,7 +59,7 @@ def test_same_seed_same_weights_other_seed_differs(flux_ckpt: Path, tmp_path: Pa
 def test_loads_without_weight_warnings(flux_ckpt: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(flux_ckpt, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(flux_ckpt, dtype=torch.float32)
     err = capfd.readouterr().err.lower()
     assert not [w for w in WEIGHT_WARNINGS if w in err], err
     assert pipe.vae_scale_factor == 8
