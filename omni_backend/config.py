@@ -9,6 +9,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -40,8 +41,10 @@ class RequestLimits:
 class EngineConfig:
     """How the engine batches requests."""
 
-    max_num_seqs: int = 8  # requests sharing one transformer call per step
+    max_num_seqs: int = 8  # requests running at once (and so at most in one transformer call)
     max_queue_size: int = 256  # waiting requests beyond which new ones are refused
+    scheduling: str = "step"  # "step": join/leave between steps; "request": whole-request batches
+    queue_timeout_s: float = 0.0  # fail requests still waiting after this long (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,13 @@ def _convert(key: str, raw: str, annotation: Any, default: Any) -> Any:
             return value
         if kind == "float":
             value = float(raw)
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value) or value < 0:
                 raise ValueError
             return value
     except ValueError:
-        raise ConfigError(f"{key}: {raw!r} is not a valid {'non-negative ' if kind == 'int' else ''}{kind}") from None
+        raise ConfigError(
+            f"{key}: {raw!r} is not a valid {'non-negative ' if kind in ('int', 'float') else ''}{kind}"
+        ) from None
     return raw
 
 
@@ -145,6 +150,8 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
     for key, value in (("max_num_seqs", engine.max_num_seqs), ("max_steps", limits.max_steps)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if engine.scheduling not in ("step", "request"):
+        raise ConfigError(f"scheduling: {engine.scheduling!r} is not 'step' or 'request'")
     options = parse_dataclass(options_cls, values) if options_cls is not None else None
     if values:
         raise ConfigError(f"{sorted(values)[0]}: unknown config parameter (known keys: {_known_keys(options_cls)})")

@@ -8,6 +8,7 @@ rejection is an :class:`InvalidRequestError` naming the field and the allowed ra
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 import time
@@ -54,7 +55,7 @@ class SamplingParams:
     seed: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal", and tensors don't compare to bools
 class DiffusionRequest:
     """One validated request, as the engine schedules it."""
 
@@ -64,11 +65,21 @@ class DiffusionRequest:
     negative_prompt: str | None = None
     # Tensors from the text-encoder stage (ensemble): skip encode. Names are the family's.
     conditioning: dict[str, Any] | None = None
+    preview_every: int = 0  # stream a preview image every N steps (0: none)
+    queue_deadline: float | None = None  # time.monotonic() by which it must have started, else it fails
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property
     def num_steps(self) -> int:
         return self.params.num_inference_steps
+
+
+class ErrorKind(enum.Enum):
+    """Why a request failed after validation (the Triton layer maps these to status codes)."""
+
+    INTERNAL = "internal"  # a fault while running it
+    CANCELLED = "cancelled"  # the client cancelled it
+    UNAVAILABLE = "unavailable"  # queue timeout, shutdown: retry elsewhere or later
 
 
 @dataclass
@@ -78,6 +89,7 @@ class DiffusionOutput:
     request_id: str
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: str | None = None
+    error_kind: ErrorKind = ErrorKind.INTERNAL
 
 
 # ---------------------------------------------------------------------------- parsing

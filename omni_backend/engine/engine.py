@@ -1,43 +1,68 @@
 """The engine: a background thread that runs ``schedule -> execute -> update`` until stopped.
 
-Callers ``submit`` a validated request with a completion callback and return at once (Triton's
-deferred responses); the callback runs on the engine thread with the request's output.
+Callers ``submit`` a validated request with callbacks and return at once (Triton's deferred
+responses); the callbacks run on the engine thread. Between steps the engine drops requests
+whose client cancelled or whose queue deadline passed, so nobody's slot burns compute for a
+client that is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from omni_backend.config import EngineConfig
-from omni_backend.engine.scheduler import StepResult, StepScheduler
-from omni_backend.request import DiffusionOutput, DiffusionRequest
+from omni_backend.engine.observer import EngineObserver
+from omni_backend.engine.scheduler import SCHEDULERS, StepPlan, StepProgress, StepResult
+from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind
 from omni_backend.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[DiffusionOutput], None]
+ProgressCallback = Callable[[StepProgress], None]
+
+
+@dataclass
+class _Client:
+    """How to reach the client of one request."""
+
+    request: DiffusionRequest
+    on_output: OutputCallback  # exactly once
+    on_progress: ProgressCallback | None = None  # after every step it takes
+    is_cancelled: Callable[[], bool] | None = None  # polled between steps
 
 
 class DiffusionEngine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig):
+    def __init__(self, runner: ModelRunner, config: EngineConfig, observer: EngineObserver | None = None):
         self.runner = runner
-        self.scheduler = StepScheduler(config, runner.stages.batch_key)
-        self._callbacks: dict[str, OutputCallback] = {}
+        self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key)
+        self.observer = observer or EngineObserver()
+        self._clients: dict[str, _Client] = {}
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="omni-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: DiffusionRequest, on_output: OutputCallback) -> None:
+    def submit(
+        self,
+        request: DiffusionRequest,
+        on_output: OutputCallback,
+        on_progress: ProgressCallback | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> None:
         """Queue a request; raises QueueFullError (nothing queued) when the queue is full."""
         with self._wakeup:
             if self._stopping:
                 raise RuntimeError("the model is shutting down")
             self.scheduler.add(request)
-            self._callbacks[request.request_id] = on_output
+            self._clients[request.request_id] = _Client(request, on_output, on_progress, is_cancelled)
             self._wakeup.notify()
+
+    # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
         while True:
@@ -45,25 +70,75 @@ class DiffusionEngine:
                 self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work())
                 if self._stopping:
                     return
+            self._drop_abandoned()
+            with self._wakeup:
                 plan = self.scheduler.schedule()
-            try:
-                result = self.runner.execute(plan)
-            except Exception as exc:  # a runner bug must fail the step's requests, never hang them
-                logger.exception("engine step failed")
-                self.runner.abort(plan.running_ids)
-                result = StepResult([DiffusionOutput(i, error=f"internal error: {exc}") for i in plan.running_ids])
+            if not plan.running_ids:
+                continue
+            result = self._execute(plan)
+            self._report_progress(result.progress)
             with self._wakeup:
                 self.scheduler.update(plan, result)
-                callbacks = [(self._callbacks.pop(o.request_id), o) for o in result.finished]
-            for callback, output in callbacks:
-                self._deliver(callback, output)
+                finished = [(self._clients.pop(o.request_id), o) for o in result.finished]
+                running = self.scheduler.num_running
+            self.observer.on_step(len(plan.running_ids), running)
+            for client, output in finished:
+                self._deliver(client, output)
 
-    @staticmethod
-    def _deliver(callback: OutputCallback, output: DiffusionOutput) -> None:
+    def _execute(self, plan: StepPlan) -> StepResult:
+        now = time.monotonic()
+        for request in plan.admitted:
+            self.observer.on_admitted(now - request.arrival_time)
         try:
-            callback(output)
+            return self.runner.execute(plan)
+        except Exception as exc:  # a runner bug must fail the step's requests, never hang them
+            logger.exception("engine step failed")
+            self.runner.abort(plan.running_ids)
+            return StepResult([DiffusionOutput(i, error=f"internal error: {exc}") for i in plan.running_ids])
+
+    def _drop_abandoned(self) -> None:
+        """Fail requests whose client cancelled or whose queue deadline passed, wherever they are."""
+        with self._wakeup:
+            clients = list(self._clients.values())
+            waiting = {r.request_id for r in self.scheduler.waiting}
+        now = time.monotonic()
+        dropped: list[DiffusionOutput] = []
+        for client in clients:
+            request = client.request
+            if client.is_cancelled is not None and client.is_cancelled():
+                dropped.append(DiffusionOutput(request.request_id, error="cancelled", error_kind=ErrorKind.CANCELLED))
+            elif request.queue_deadline is not None and request.request_id in waiting and now > request.queue_deadline:
+                waited = now - request.arrival_time
+                message = f"timed out after waiting {waited:.1f} s in the queue (queue_timeout_s)"
+                dropped.append(DiffusionOutput(request.request_id, error=message, error_kind=ErrorKind.UNAVAILABLE))
+        if not dropped:
+            return
+        with self._wakeup:
+            self.scheduler.remove(o.request_id for o in dropped)
+            pairs = [(self._clients.pop(o.request_id), o) for o in dropped]
+        self.runner.abort([o.request_id for o in dropped])
+        for client, output in pairs:
+            logger.info("request %s dropped: %s", output.request_id, output.error)
+            self._deliver(client, output)
+
+    def _report_progress(self, progress: list[StepProgress]) -> None:
+        for update in progress:
+            client = self._clients.get(update.request_id)
+            if client is not None and client.on_progress is not None:
+                try:
+                    client.on_progress(update)
+                except Exception:
+                    logger.exception("progress update of request %s failed", update.request_id)
+
+    def _deliver(self, client: _Client, output: DiffusionOutput) -> None:
+        if output.error is None:
+            self.observer.on_finished(time.monotonic() - client.request.arrival_time)
+        try:
+            client.on_output(output)
         except Exception:  # a broken response path must not stop the engine for everyone else
             logger.exception("delivering the output of request %s failed", output.request_id)
+
+    # ------------------------------------------------------------------ shutdown
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step; every request still held is answered with an error."""
@@ -73,10 +148,9 @@ class DiffusionEngine:
         self._thread.join(timeout)
         with self._wakeup:
             pending = self.scheduler.drain()
-            callbacks = [(self._callbacks.pop(r.request_id), r.request_id) for r in pending]
-        self.runner.abort([request_id for _, request_id in callbacks])
-        for callback, request_id in callbacks:
-            self._deliver(
-                callback,
-                DiffusionOutput(request_id, error="the model was unloaded before this request finished"),
-            )
+            clients = [self._clients.pop(r.request_id) for r in pending if r.request_id in self._clients]
+        self.runner.abort([c.request.request_id for c in clients])
+        message = "the model was unloaded before this request finished"
+        for client in clients:
+            output = DiffusionOutput(client.request.request_id, error=message, error_kind=ErrorKind.UNAVAILABLE)
+            self._deliver(client, output)

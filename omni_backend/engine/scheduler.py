@@ -1,16 +1,24 @@
 """Step scheduler: decides, between denoising steps, which requests run the next step.
 
 Policy only: it holds requests and ids, never tensors (those live in the runner), so it is
-unit-tested on CPU with hand-built results. One transformer call per step serves the running
-batch: requests with the same batching key, at most ``max_num_seqs`` of them, each at its own
-step index. New requests of that key join between steps; a request of another key waits until
-the running batch drains, and same-key requests that arrived after it do not overtake it.
+unit-tested on CPU with hand-built results.
+
+- Admission is FIFO across all keys: whenever fewer than ``max_num_seqs`` requests are running,
+  the oldest waiting request joins, whatever its key, so nobody is overtaken.
+- Each step serves ONE batching key: every running request with that key takes one step in a
+  single transformer call, whatever its step index and total step count.
+- Keys take turns round robin, one step each, so a short 256x256 request is never stuck
+  behind a long 1024x1024 batch (no head-of-line blocking across keys).
+
+``RequestLevelScheduler`` is the classic alternative (Triton's dynamic batching inside the
+model): a batch is formed only when nothing is running and runs to completion. It exists to be
+measured against (benchmarks/) and for deployments that want it (``scheduling: request``).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from omni_backend.config import EngineConfig
@@ -23,10 +31,20 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class StepPlan:
-    """What the runner does in one engine step."""
+    """What the runner does in one engine step: one transformer call for one batching key."""
 
     admitted: list[DiffusionRequest] = field(default_factory=list)  # join now: encode + prepare first
     running_ids: list[str] = field(default_factory=list)  # take one denoising step (admitted included)
+
+
+@dataclass
+class StepProgress:
+    """One request's progress after a step (streamed to clients that asked)."""
+
+    request_id: str
+    step: int  # steps done, 1..total_steps
+    total_steps: int
+    preview: object | None = None  # uint8 [h, w, 3] numpy image when a preview was due
 
 
 @dataclass
@@ -34,49 +52,83 @@ class StepResult:
     """What one engine step produced."""
 
     finished: list[DiffusionOutput] = field(default_factory=list)  # done or failed; leave the batch
+    progress: list[StepProgress] = field(default_factory=list)  # every request that took the step
 
 
 class StepScheduler:
     def __init__(self, config: EngineConfig, batch_key: Callable[[DiffusionRequest], Hashable]):
         self.config = config
         self.batch_key = batch_key
-        self.waiting: deque[tuple[Hashable, DiffusionRequest]] = deque()  # FIFO by arrival
-        self.running: dict[str, DiffusionRequest] = {}
-        self.running_key: Hashable | None = None
+        self.waiting: deque[DiffusionRequest] = deque()  # FIFO by arrival
+        self.running: dict[Hashable, dict[str, DiffusionRequest]] = {}  # key -> requests, in turn order
+        self.joining: dict[Hashable, list[DiffusionRequest]] = {}  # admitted, not yet prepared by the runner
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(batch) for batch in self.running.values())
 
     def add(self, request: DiffusionRequest) -> None:
         if len(self.waiting) >= self.config.max_queue_size:
             raise QueueFullError(f"the queue is full ({self.config.max_queue_size} requests waiting); retry later")
-        self.waiting.append((self.batch_key(request), request))
+        self.waiting.append(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        if not self.running and self.waiting:
-            self.running_key = self.waiting[0][0]
-        plan = StepPlan()
-        free = self.config.max_num_seqs - len(self.running)
-        # FIFO across keys: admit from the front while it has the running key, so nobody
-        # overtakes an older request of another key
-        while free > 0 and self.waiting and self.waiting[0][0] == self.running_key:
-            _, request = self.waiting.popleft()
-            self.running[request.request_id] = request
-            plan.admitted.append(request)
-            free -= 1
-        plan.running_ids = list(self.running)
-        return plan
+        self._admit()
+        if not self.running:
+            return StepPlan()
+        key = next(iter(self.running))
+        self.running[key] = self.running.pop(key)  # to the back of the round-robin order
+        return StepPlan(admitted=self.joining.pop(key, []), running_ids=list(self.running[key]))
+
+    def _admit(self) -> None:
+        while self.waiting and self.num_running < self.config.max_num_seqs:
+            self._join(self.waiting.popleft())
+
+    def _join(self, request: DiffusionRequest) -> None:
+        key = self.batch_key(request)
+        self.running.setdefault(key, {})[request.request_id] = request
+        self.joining.setdefault(key, []).append(request)
 
     def update(self, plan: StepPlan, result: StepResult) -> None:
-        for output in result.finished:
-            self.running.pop(output.request_id, None)
-        if not self.running:
-            self.running_key = None
+        self.remove(output.request_id for output in result.finished)
+
+    def remove(self, request_ids: Iterable[str]) -> list[DiffusionRequest]:
+        """Take requests out wherever they are (finished, cancelled, timed out); return those found."""
+        ids = set(request_ids)
+        removed = [r for r in self.waiting if r.request_id in ids]
+        self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
+        for key in list(self.running):
+            batch = self.running[key]
+            removed += [batch.pop(i) for i in ids & batch.keys()]
+            if key in self.joining:
+                self.joining[key] = [r for r in self.joining[key] if r.request_id not in ids]
+            if not batch:
+                del self.running[key]
+                self.joining.pop(key, None)
+        return removed
 
     def drain(self) -> list[DiffusionRequest]:
         """Remove and return every request (engine shutdown)."""
-        requests = [r for _, r in self.waiting] + list(self.running.values())
+        requests = list(self.waiting) + [r for batch in self.running.values() for r in batch.values()]
         self.waiting.clear()
         self.running.clear()
-        self.running_key = None
+        self.joining.clear()
         return requests
+
+
+class RequestLevelScheduler(StepScheduler):
+    """Whole-request batching: a batch forms only when nothing runs, and runs to completion."""
+
+    def _admit(self) -> None:
+        if self.running or not self.waiting:
+            return
+        key = self.batch_key(self.waiting[0])
+        for request in [r for r in self.waiting if self.batch_key(r) == key][: self.config.max_num_seqs]:
+            self.waiting.remove(request)
+            self._join(request)
+
+
+SCHEDULERS: dict[str, type[StepScheduler]] = {"step": StepScheduler, "request": RequestLevelScheduler}

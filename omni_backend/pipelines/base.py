@@ -101,6 +101,10 @@ class PipelineStages(ABC):
             state.step_index += 1
 
     @abstractmethod
+    def predicted_clean_latents(self, state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
+        """The clean latents the model predicts at the current step (for previews), as ``output_latents``."""
+
+    @abstractmethod
     def output_latents(self, state: DenoiseState) -> torch.Tensor:
         """The finished latents in the layout ``decode`` takes (batch dimension 1)."""
 

@@ -231,9 +231,17 @@ class FluxStages(PipelineStages):
 
     # ------------------------------------------------------------------ 4. decode
 
+    def predicted_clean_latents(self, state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
+        # flow matching: x_t = (1 - sigma) x0 + sigma noise and the model predicts v = noise - x0
+        sigma = state.scheduler.sigmas[state.step_index]
+        return self._unpack(state, state.latents - sigma * noise_pred)
+
     def output_latents(self, state: DenoiseState) -> torch.Tensor:
+        return self._unpack(state, state.latents)
+
+    def _unpack(self, state: DenoiseState, packed: torch.Tensor) -> torch.Tensor:
         params = state.request.params
-        return self.pipe._unpack_latents(state.latents, params.height, params.width, self.vae_scale_factor)
+        return self.pipe._unpack_latents(packed, params.height, params.width, self.vae_scale_factor)
 
     def latents_from_array(self, array: np.ndarray | None, limits: RequestLimits) -> torch.Tensor:
         if array is None:

@@ -11,10 +11,12 @@ import enum
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from omni_backend.config import ModelConfig
-from omni_backend.engine.scheduler import StepPlan, StepResult
+from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
@@ -29,6 +31,24 @@ class RunnerOutput(enum.Enum):
 
     IMAGE = "image"  # decoded pixels: the one-model pipeline
     LATENTS = "latents"  # VAE-ready latents: the ensemble's transformer stage
+
+
+PREVIEW_MAX_SIDE = 256  # previews are for a progress UI: small, cheap to send
+
+
+def _preview_due(state: DenoiseState) -> bool:
+    every = state.request.preview_every
+    step = state.step_index + 1  # the step being taken now, 1-based
+    return every > 0 and step % every == 0 and step < len(state.timesteps)  # the last step sends the image
+
+
+def _downscale(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    scale = PREVIEW_MAX_SIDE / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def resolve_device(setting: str, instance_kind: str, device_id: int) -> torch.device:
@@ -59,14 +79,35 @@ class ModelRunner:
         if not running:
             return result
         try:
-            self.stages.step(running, self.stages.denoise(running))
+            noise_preds = self.stages.denoise(running)
+            # previews come from the clean latents predicted at this step, before the update
+            due = [(s, p) for s, p in zip(running, noise_preds, strict=True) if _preview_due(s)]
+            clean = [self.stages.predicted_clean_latents(s, p) for s, p in due]
+            self.stages.step(running, noise_preds)
         except Exception as exc:  # a fault in the shared call fails every request in it
             self._fail(running, "denoising step", exc, result)
             return result
+        self._report_progress(running, [s for s, _ in due], clean, result)
         done = [s for s in running if s.finished]
         if done:
             self._finish(done, result)
         return result
+
+    def _report_progress(
+        self, running: list[DenoiseState], previewed: list[DenoiseState], clean: list, result: StepResult
+    ) -> None:
+        previews: dict[str, np.ndarray] = {}
+        if previewed:
+            try:
+                images = self.stages.decode(clean)
+                previews = {s.request.request_id: _downscale(img) for s, img in zip(previewed, images, strict=True)}
+            except Exception:  # a preview is best effort: the request itself goes on
+                logger.exception("preview decoding failed")
+        for state in running:
+            request_id = state.request.request_id
+            result.progress.append(
+                StepProgress(request_id, state.step_index, len(state.timesteps), previews.get(request_id))
+            )
 
     def _admit(self, requests: Sequence[DiffusionRequest], result: StepResult) -> set[str]:
         """Encode (one batched pass) and prepare the requests joining now; return the ids that failed."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +15,7 @@ from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
-from omni_backend.request import DiffusionOutput, DiffusionRequest, SamplingParams
+from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, SamplingParams
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
 
 
@@ -105,3 +108,54 @@ def test_a_full_queue_refuses_new_requests(stages):
             refused += 1
     assert refused >= 1
     engine.stop()
+
+
+def test_cancelled_request_stops_and_others_finish(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig())
+    cancel = threading.Event()
+    steps_seen: list[int] = []
+
+    def on_progress(update):
+        steps_seen.append(update.step)
+        if update.step == 3:
+            cancel.set()
+
+    collect = Collector(2)
+    engine.submit(request("doomed", steps=200), collect, on_progress, cancel.is_set)
+    engine.submit(request("fine", seed=1, steps=6), collect)
+    assert collect.done.wait(60)
+    engine.stop()
+    doomed, fine = collect.outputs["doomed"], collect.outputs["fine"]
+    assert doomed.error_kind is ErrorKind.CANCELLED and not doomed.outputs
+    assert max(steps_seen) <= 4, "the cancelled request kept running"
+    assert fine.error is None and fine.outputs["image"].shape == (32, 32, 3)
+    assert not engine.runner.states, "the cancelled request's state was not freed"
+
+
+def test_queue_deadline_fails_waiting_requests_only(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(max_num_seqs=1))
+    collect = Collector(2)
+    now = time.monotonic()
+    engine.submit(replace(request("running", steps=30), queue_deadline=now + 0.05), collect)
+    engine.submit(replace(request("waiting"), queue_deadline=now + 0.05), collect)
+    assert collect.done.wait(60)
+    engine.stop()
+    assert collect.outputs["running"].error is None  # started in time: its deadline no longer applies
+    waiting = collect.outputs["waiting"]
+    assert waiting.error_kind is ErrorKind.UNAVAILABLE and "timed out" in waiting.error
+
+
+def test_progress_and_previews(stages, flux_reference):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig())
+    updates = []
+    collect = Collector(1)
+    engine.submit(replace(request("p", seed=4, steps=6), preview_every=2), collect, updates.append)
+    assert collect.done.wait(60)
+    engine.stop()
+    assert [u.step for u in updates] == [1, 2, 3, 4, 5, 6] and {u.total_steps for u in updates} == {6}
+    assert [u.step for u in updates if u.preview is not None] == [2, 4]  # the last step sends the image
+    assert updates[1].preview.shape == (32, 32, 3) and updates[1].preview.dtype == np.uint8
+    final = collect.outputs["p"].outputs["image"]
+    # the prediction sharpens towards the final image as steps go by
+    err = [np.abs(u.preview.astype(int) - final.astype(int)).mean() for u in updates if u.preview is not None]
+    assert err[1] < err[0]
