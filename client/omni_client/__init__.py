@@ -8,10 +8,11 @@ Example:
 
 from .aio import AsyncOmniClient
 from .client import OmniClient
-from .errors import InvalidRequestError, OmniClientError
+from .errors import GenerationCancelled, InvalidRequestError, OmniClientError, StopGeneration
 from .models import ModelInfo
 from .request import INPUT_DATATYPES, GenerationRequest, build_input_arrays, build_inputs, image_to_array
 from .results import GenerationOutput, convert_output, decode_result, extract_output
+from .stream import FinalImage, StepUpdate
 from .urls import DEFAULT_PORTS, normalize_url
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncOmniClient",
     "DEFAULT_PORTS",
+    "FinalImage",
+    "GenerationCancelled",
     "GenerationOutput",
     "GenerationRequest",
     "INPUT_DATATYPES",
@@ -26,6 +29,8 @@ __all__ = [
     "ModelInfo",
     "OmniClient",
     "OmniClientError",
+    "StepUpdate",
+    "StopGeneration",
     "build_input_arrays",
     "build_inputs",
     "convert_output",

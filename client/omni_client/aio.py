@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
+from ._stream_aio import AsyncStreamingMixin
 from .errors import InvalidRequestError, OmniClientError, translate_errors
 from .models import ModelInfo, parse_repository_index
 from .request import GenerationRequest, build_inputs, make_request
@@ -16,11 +17,12 @@ from .results import GenerationOutput, OutputFormat, check_output_format, decode
 from .urls import Protocol, check_protocol, normalize_url, uses_tls
 
 
-class AsyncOmniClient:
+class AsyncOmniClient(AsyncStreamingMixin):
     """Asyncio counterpart of :class:`~omni_client.client.OmniClient` (same arguments and methods).
 
     The underlying tritonclient aio client is created lazily inside the running event loop, on
-    the first call.
+    the first call. For streaming models (gRPC only), :meth:`generate_stream` is an async
+    iterator of step updates and the final image.
 
     Args:
         url: Server address (``host:port``, optionally ``http://``-prefixed); None means

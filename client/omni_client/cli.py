@@ -1,4 +1,4 @@
-"""``omni-client`` command line: ``generate``, ``health`` and ``models``.
+"""``omni-client`` command line: ``generate`` (``--stream`` for streaming models), ``health``, ``models``.
 
 Exit codes: 0 success, 1 server/connection error or not ready, 2 invalid arguments.
 """
@@ -17,6 +17,8 @@ from PIL import Image
 from . import __version__
 from .client import OmniClient
 from .errors import InvalidRequestError, OmniClientError
+from .progress import ProgressBar
+from .stream import StepUpdate
 from .urls import DEFAULT_PORTS
 
 PROG = "omni-client"
@@ -27,6 +29,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
@@ -70,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="output file, e.g. out.png; for videos .gif/.webp (animated), .npy, or numbered frames",
     )
     gen.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate of animated output")
+    stream = gen.add_argument_group("streaming (gRPC only; streaming models such as flux_stream)")
+    stream.add_argument("--stream", action="store_true", help="stream the generation, with a progress bar on stderr")
+    stream.add_argument(
+        "--preview-every", type=_positive_int, metavar="N", help="ask for a preview every N steps (needs --preview-dir)"
+    )
+    stream.add_argument(
+        "--preview-dir", type=Path, metavar="DIR", help="save previews as DIR/step_0003.png (every step by default)"
+    )
     gen.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", parents=[common], help="server liveness/readiness and model readiness")
@@ -83,12 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _protocol(args: argparse.Namespace) -> str:
+    if args.protocol is not None:
+        return args.protocol
+    scheme = args.url.split("://", 1)[0].lower() if args.url and "://" in args.url else ""
+    return _SCHEME_PROTOCOLS.get(scheme, "grpc")
+
+
 def _connect(args: argparse.Namespace, model: str = "flux") -> OmniClient:
-    protocol = args.protocol
-    if protocol is None:
-        scheme = args.url.split("://", 1)[0].lower() if args.url and "://" in args.url else ""
-        protocol = _SCHEME_PROTOCOLS.get(scheme, "grpc")
-    return OmniClient(args.url, protocol=protocol, model=model, timeout=args.timeout, verbose=args.verbose)
+    return OmniClient(args.url, protocol=_protocol(args), model=model, timeout=args.timeout, verbose=args.verbose)
+
+
+def check_stream_args(args: argparse.Namespace) -> None:
+    """Checks the streaming options of ``generate``; raises InvalidRequestError (exit code 2)."""
+    if not args.stream:
+        if args.preview_every is not None or args.preview_dir is not None:
+            raise InvalidRequestError("--preview-every and --preview-dir need --stream")
+        return
+    if _protocol(args) != "grpc":
+        raise InvalidRequestError("--stream needs gRPC (Triton's HTTP endpoint cannot stream); drop --protocol http")
+    if args.preview_every is not None and args.preview_dir is None:
+        raise InvalidRequestError("--preview-every needs --preview-dir (where to save the previews)")
+
+
+def _generate_streaming(client: OmniClient, args: argparse.Namespace, params: dict[str, object]) -> np.ndarray:
+    """Streams the generation with a progress bar on stderr; saves previews to --preview-dir."""
+    preview_dir: Path | None = args.preview_dir
+    if preview_dir is not None:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+    bar = ProgressBar(sys.stderr)
+
+    def on_progress(update: StepUpdate) -> None:
+        if preview_dir is not None and update.preview is not None:
+            Image.fromarray(np.asarray(update.preview), "RGB").save(preview_dir / f"step_{update.step:04d}.png")
+        bar.update(update.step, update.total_steps)
+
+    every = args.preview_every or (1 if preview_dir is not None else None)
+    try:
+        return client.generate_stream(
+            args.prompt, preview_every=every, on_progress=on_progress, output="numpy", **params
+        )
+    finally:
+        bar.close()
 
 
 def _save(result: Image.Image | list[Image.Image] | np.ndarray, out: Path, fps: float) -> tuple[Path, str]:
@@ -115,6 +168,7 @@ def _save(result: Image.Image | list[Image.Image] | np.ndarray, out: Path, fps: 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Runs ``omni-client generate``."""
+    check_stream_args(args)
     params = {
         key: getattr(args, key)
         for key in (
@@ -131,7 +185,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InvalidRequestError(f"cannot read --input-image {args.input_image}: {exc}") from None
     with _connect(args, args.model) as client:
         start = time.perf_counter()
-        result = client.generate(args.prompt, output="numpy", **params)
+        if args.stream:
+            result = _generate_streaming(client, args, params)
+        else:
+            result = client.generate(args.prompt, output="numpy", **params)
         elapsed = time.perf_counter() - start
     image = Image.fromarray(result, "RGB") if result.ndim == 3 else result
     path, size = _save(image, args.out, args.fps)

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any
 
 from ._concurrent import run_many
+from ._stream_sync import StreamingMixin
 from .errors import InvalidRequestError, OmniClientError, translate_errors
 from .models import ModelInfo, parse_repository_index
 from .request import GenerationRequest, build_inputs, make_request
@@ -16,7 +17,7 @@ from .results import GenerationOutput, OutputFormat, check_output_format, decode
 from .urls import Protocol, check_protocol, normalize_url, uses_tls
 
 
-class OmniClient:
+class OmniClient(StreamingMixin):
     """Blocking client for the omni-triton diffusion models.
 
     Args:
@@ -32,7 +33,8 @@ class OmniClient:
         InvalidRequestError: If the url or protocol is invalid.
 
     A gRPC client may be shared between threads; an HTTP one may not (tritonclient.http is not
-    thread-safe), use one per thread or :meth:`generate_many`.
+    thread-safe), use one per thread or :meth:`generate_many`. Streaming models (gRPC only): see
+    :meth:`generate_stream` and :meth:`stream`.
 
     Example:
         >>> with OmniClient("localhost:8001", model="flux") as client:  # doctest: +SKIP

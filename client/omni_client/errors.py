@@ -86,3 +86,15 @@ def translate_errors(target: str, extra: tuple[type[BaseException], ...] = ()) -
     except (OSError, *extra) as exc:
         detail = str(exc) or type(exc).__name__
         raise OmniClientError(f"cannot reach server at {target}: {detail}", "UNAVAILABLE") from exc
+
+
+class GenerationCancelled(OmniClientError):
+    """A streaming generation was cancelled (on the server too) at the caller's request."""
+
+
+class StopGeneration(Exception):
+    """Raise from an ``on_progress`` callback to cancel a streaming generation.
+
+    ``generate_stream`` then cancels the request on the server and raises
+    :class:`GenerationCancelled`.
+    """

@@ -49,18 +49,34 @@ def extract_output(result: Any) -> np.ndarray:
     """
     for name, rank in OUTPUT_RANKS.items():
         arr = result.as_numpy(name)
-        if arr is None:
-            continue
-        if arr.ndim == rank + 1:
-            if arr.shape[0] != 1:
-                raise OmniClientError(f"expected a batch of 1 in output {name!r}, got {list(arr.shape)}")
-            arr = arr[0]
-        if arr.ndim != rank or arr.shape[-1] != 3:
-            raise OmniClientError(f"unexpected shape {list(arr.shape)} for output {name!r}")
-        if arr.dtype != np.uint8:
-            raise OmniClientError(f"unexpected dtype {arr.dtype} for output {name!r}")
-        return arr
+        if arr is not None:
+            return unbatch_rgb(arr, name, rank)
     raise OmniClientError("response has neither an 'image' nor a 'video' output")
+
+
+def unbatch_rgb(arr: np.ndarray, name: str, rank: int = 3) -> np.ndarray:
+    """Checks an RGB output tensor and removes its batch dimension of 1, if present.
+
+    Args:
+        arr: The output array, ``[1, ..., 3]`` or ``[..., 3]``.
+        name: Output name, for error messages.
+        rank: Rank of one item (3 for an image ``[H, W, 3]``, 4 for a video).
+
+    Returns:
+        The ``uint8`` array of rank ``rank``.
+
+    Raises:
+        OmniClientError: On a batch other than 1, a wrong shape or a wrong dtype.
+    """
+    if arr.ndim == rank + 1:
+        if arr.shape[0] != 1:
+            raise OmniClientError(f"expected a batch of 1 in output {name!r}, got {list(arr.shape)}")
+        arr = arr[0]
+    if arr.ndim != rank or arr.shape[-1] != 3:
+        raise OmniClientError(f"unexpected shape {list(arr.shape)} for output {name!r}")
+    if arr.dtype != np.uint8:
+        raise OmniClientError(f"unexpected dtype {arr.dtype} for output {name!r}")
+    return arr
 
 
 def convert_output(arr: np.ndarray, output: OutputFormat = "pil") -> GenerationOutput:
