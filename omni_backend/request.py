@@ -126,7 +126,7 @@ def parse_text(inputs: Mapping[str, np.ndarray], name: str, limits: RequestLimit
     return text
 
 
-def _int_in(inputs: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
+def parse_int(inputs: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
     raw = _scalar(inputs, name)
     if raw is None:
         return default
@@ -158,8 +158,8 @@ def parse_sampling_params(
     """Validate the sampling inputs of one request and fill in the family's defaults."""
     multiple = defaults.size_multiple
     side_max = limits.max_side - limits.max_side % multiple
-    height = _int_in(inputs, "height", defaults.height, multiple, side_max)
-    width = _int_in(inputs, "width", defaults.width, multiple, side_max)
+    height = parse_int(inputs, "height", defaults.height, multiple, side_max)
+    width = parse_int(inputs, "width", defaults.width, multiple, side_max)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise InvalidRequestError(name, f"{value} is not a multiple of {multiple} (this model's size step)")
@@ -167,10 +167,10 @@ def parse_sampling_params(
         raise InvalidRequestError(
             "height", f"height x width = {height}x{width} exceeds the limit of {limits.max_pixels} pixels"
         )
-    steps = _int_in(inputs, "num_inference_steps", defaults.num_inference_steps, 1, limits.max_steps)
+    steps = parse_int(inputs, "num_inference_steps", defaults.num_inference_steps, 1, limits.max_steps)
     guidance = _float_in(inputs, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance)
     true_cfg = _float_in(inputs, "true_cfg_scale", defaults.true_cfg_scale, 0.0, limits.max_guidance)
-    seed = _int_in(inputs, "seed", random.randint(0, 2**31 - 1), INT64_MIN, INT64_MAX)
+    seed = parse_int(inputs, "seed", random.randint(0, 2**31 - 1), INT64_MIN, INT64_MAX)
     return SamplingParams(
         height=height,
         width=width,

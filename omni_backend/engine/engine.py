@@ -70,25 +70,33 @@ class DiffusionEngine:
                 self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work())
                 if self._stopping:
                     return
-            self._drop_abandoned()
-            with self._wakeup:
-                plan = self.scheduler.schedule()
-            if not plan.running_ids:
-                continue
-            result = self._execute(plan)
-            self._report_progress(result.progress)
-            with self._wakeup:
-                self.scheduler.update(plan, result)
-                finished = [(self._clients.pop(o.request_id), o) for o in result.finished]
-                running = self.scheduler.num_running
-            self.observer.on_step(len(plan.running_ids), running)
-            for client, output in finished:
-                self._deliver(client, output)
+            try:
+                self._iterate()
+            except Exception as exc:  # an engine bug must fail what it holds, never leave clients hanging
+                logger.exception("engine iteration failed; failing every request it holds")
+                self._fail_all(f"internal error: {exc}", ErrorKind.INTERNAL)
+
+    def _iterate(self) -> None:
+        """One step: drop abandoned requests, schedule, execute, report, deliver."""
+        self._drop_abandoned()
+        with self._wakeup:
+            plan = self.scheduler.schedule()
+        if not plan.running_ids:
+            return
+        result = self._execute(plan)
+        self._report_progress(result.progress)
+        with self._wakeup:
+            self.scheduler.update(plan, result)
+            finished = [(self._clients.pop(o.request_id), o) for o in result.finished]
+            running = self.scheduler.num_running
+        self._observe(self.observer.on_step, len(plan.running_ids), running)
+        for client, output in finished:
+            self._deliver(client, output)
 
     def _execute(self, plan: StepPlan) -> StepResult:
         now = time.monotonic()
         for request in plan.admitted:
-            self.observer.on_admitted(now - request.arrival_time)
+            self._observe(self.observer.on_admitted, now - request.arrival_time)
         try:
             return self.runner.execute(plan)
         except Exception as exc:  # a runner bug must fail the step's requests, never hang them
@@ -130,9 +138,16 @@ class DiffusionEngine:
                 except Exception:
                     logger.exception("progress update of request %s failed", update.request_id)
 
+    @staticmethod
+    def _observe(event: Callable[..., None], *args: float) -> None:
+        try:
+            event(*args)
+        except Exception:  # metrics are never worth a request
+            logger.exception("engine observer failed")
+
     def _deliver(self, client: _Client, output: DiffusionOutput) -> None:
         if output.error is None:
-            self.observer.on_finished(time.monotonic() - client.request.arrival_time)
+            self._observe(self.observer.on_finished, time.monotonic() - client.request.arrival_time)
         try:
             client.on_output(output)
         except Exception:  # a broken response path must not stop the engine for everyone else
@@ -146,11 +161,13 @@ class DiffusionEngine:
             self._stopping = True
             self._wakeup.notify()
         self._thread.join(timeout)
+        self._fail_all("the model was unloaded before this request finished", ErrorKind.UNAVAILABLE)
+
+    def _fail_all(self, message: str, kind: ErrorKind) -> None:
         with self._wakeup:
-            pending = self.scheduler.drain()
-            clients = [self._clients.pop(r.request_id) for r in pending if r.request_id in self._clients]
+            self.scheduler.drain()
+            clients = list(self._clients.values())
+            self._clients.clear()
         self.runner.abort([c.request.request_id for c in clients])
-        message = "the model was unloaded before this request finished"
         for client in clients:
-            output = DiffusionOutput(client.request.request_id, error=message, error_kind=ErrorKind.UNAVAILABLE)
-            self._deliver(client, output)
+            self._deliver(client, DiffusionOutput(client.request.request_id, error=message, error_kind=kind))

@@ -1,14 +1,16 @@
-"""Triton models driven by the step engine: the one-model pipeline and the transformer stage.
+"""Triton models driven by the step engine: the one-model pipeline, its streaming twin, the transformer stage.
 
 ``execute`` validates each request, hands it to the engine and returns ``None``; the engine
 thread answers every request later through its response sender (deferred responses), so the
 instance keeps accepting requests while earlier ones denoise, over HTTP and gRPC alike.
+Cancellation (``request.is_cancelled()``) is polled by the engine between steps.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar
 
@@ -16,18 +18,26 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from omni_backend.engine.engine import DiffusionEngine
-from omni_backend.engine.scheduler import QueueFullError
+from omni_backend.engine.scheduler import QueueFullError, StepProgress
 from omni_backend.pipelines.base import Component
 from omni_backend.request import (
     DiffusionOutput,
     DiffusionRequest,
+    ErrorKind,
     InvalidRequestError,
+    parse_int,
     parse_prompt_request,
     parse_sampling_params,
 )
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
+from omni_backend.triton.metrics import TritonEngineMetrics
+
+
+def _error_code(kind: ErrorKind) -> int:
+    # pb_utils.TritonError exists only once the stub has started: look it up per call
+    return getattr(pb_utils.TritonError, kind.name)
 
 
 class _EngineModel(OmniModel):
@@ -36,10 +46,15 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        self.engine = DiffusionEngine(ModelRunner(self.stages, self.output), self.config.engine)
+        runner = ModelRunner(self.stages, self.output)
+        self.engine = DiffusionEngine(runner, self.config.engine, TritonEngineMetrics(self.model_name))
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
         raise NotImplementedError
+
+    def progress_callback(self, request: pb_utils.InferenceRequest) -> Callable[[StepProgress], None] | None:
+        """Streaming models send each step; the others stay silent until the end."""
+        return None
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> None:
         for request in requests:
@@ -47,7 +62,13 @@ class _EngineModel(OmniModel):
             request_id = f"{next(self._ids)}:{request.request_id() or '-'}"
             try:
                 parsed = self.parse(request_id, tensors.request_arrays(request))
-                self.engine.submit(parsed, partial(self._respond, request))
+                parsed.queue_deadline = self._queue_deadline(request, parsed.arrival_time)
+                callbacks = (
+                    partial(self._respond, request, parsed),
+                    self.progress_callback(request),
+                    request.is_cancelled,
+                )
+                self.engine.submit(parsed, *callbacks)
             except InvalidRequestError as exc:
                 self.log.info("request %s rejected: %s", request_id, exc)
                 tensors.send_final(request, tensors.invalid_arg(exc))
@@ -59,11 +80,23 @@ class _EngineModel(OmniModel):
                 tensors.send_final(request, tensors.internal(f"request {request_id}: {exc}"))
         return None
 
-    def _respond(self, request: pb_utils.InferenceRequest, output: DiffusionOutput) -> None:
+    def _queue_deadline(self, request: pb_utils.InferenceRequest, arrival: float) -> float | None:
+        """A client's own timeout (microseconds, Triton's ``timeout``) wins over ``queue_timeout_s``."""
+        timeout_us = request.timeout()
+        if timeout_us > 0:
+            return arrival + timeout_us / 1e6
+        limit = self.config.engine.queue_timeout_s
+        return arrival + limit if limit > 0 else None
+
+    def _respond(self, request: pb_utils.InferenceRequest, parsed: DiffusionRequest, output: DiffusionOutput) -> None:
         if output.error is not None:
-            tensors.send_final(request, tensors.internal(f"request {output.request_id}: {output.error}"))
+            message = f"request {output.request_id}: {output.error}"
+            tensors.send_final(request, tensors.error_response(message, _error_code(output.error_kind)))
         else:
-            tensors.send_final(request, tensors.output_response(output.outputs))
+            tensors.send_final(request, tensors.output_response(self.final_outputs(parsed, output)))
+
+    def final_outputs(self, parsed: DiffusionRequest, output: DiffusionOutput) -> dict[str, np.ndarray]:
+        return output.outputs
 
     def finalize(self) -> None:
         self.engine.stop()
@@ -77,6 +110,45 @@ class PipelineModel(_EngineModel):
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
         return parse_prompt_request(request_id, arrays, self.stages.defaults, self.config.limits)
+
+
+class StreamingPipelineModel(PipelineModel):
+    """Decoupled twin of ``PipelineModel`` (gRPC streaming): a response per step, then the image.
+
+    Each step sends ``step`` / ``total_steps`` and, every ``preview_every`` steps, a small
+    ``preview`` decoded from the clean latents predicted at that step. The last response carries
+    ``image`` (with ``step`` = ``total_steps``) and the final flag.
+    """
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        if not pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
+            raise ValueError(f"{args['model_name']}: a streaming model needs model_transaction_policy decoupled: true")
+        super().initialize(args)
+
+    def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
+        parsed = super().parse(request_id, arrays)
+        parsed.preview_every = parse_int(arrays, "preview_every", 0, 0, self.config.limits.max_steps)
+        return parsed
+
+    def progress_callback(self, request: pb_utils.InferenceRequest) -> Callable[[StepProgress], None]:
+        sender = request.get_response_sender()
+
+        def send(progress: StepProgress) -> None:
+            if progress.step == progress.total_steps:
+                return  # the final response carries the last step with the image
+            outputs = _step_outputs(progress.step, progress.total_steps)
+            if progress.preview is not None:
+                outputs["preview"] = progress.preview
+            sender.send(tensors.output_response(outputs))
+
+        return send
+
+    def final_outputs(self, parsed: DiffusionRequest, output: DiffusionOutput) -> dict[str, np.ndarray]:
+        return {**output.outputs, **_step_outputs(parsed.num_steps, parsed.num_steps)}
+
+
+def _step_outputs(step: int, total: int) -> dict[str, np.ndarray]:
+    return {"step": np.array([step], np.int32), "total_steps": np.array([total], np.int32)}
 
 
 class TransformerStageModel(_EngineModel):

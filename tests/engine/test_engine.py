@@ -12,6 +12,7 @@ import torch
 
 from omni_backend.config import EngineConfig
 from omni_backend.engine.engine import DiffusionEngine
+from omni_backend.engine.observer import EngineObserver
 from omni_backend.engine.scheduler import QueueFullError
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
@@ -159,3 +160,17 @@ def test_progress_and_previews(stages, flux_reference):
     # the prediction sharpens towards the final image as steps go by
     err = [np.abs(u.preview.astype(int) - final.astype(int)).mean() for u in updates if u.preview is not None]
     assert err[1] < err[0]
+
+
+class BrokenObserver(EngineObserver):
+    def on_step(self, batch_size: int, running: int) -> None:
+        raise RuntimeError("metrics backend gone")
+
+
+def test_a_failing_observer_never_costs_a_request(stages):
+    engine = DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(), BrokenObserver())
+    collect = Collector(1)
+    engine.submit(request("a"), collect)
+    assert collect.done.wait(30)
+    engine.stop()
+    assert collect.outputs["a"].error is None

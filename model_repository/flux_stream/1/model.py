@@ -1,0 +1,3 @@
+"""Shim: FLUX.1 with per-step streaming (decoupled)."""
+
+from omni_backend.triton import StreamingPipelineModel as TritonPythonModel  # noqa: F401

@@ -1,0 +1,53 @@
+"""Engine metrics as Triton custom metrics (``pb_utils.MetricFamily``), served on Triton's /metrics."""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+from omni_backend.engine.observer import EngineObserver
+
+_SECONDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+_BATCH = [1, 2, 4, 8, 16, 32, 64]
+
+
+_families: list = []  # a Metric fails once its MetricFamily is garbage-collected: keep them for the process
+
+
+def _metric(name: str, description: str, kind: int, labels: dict[str, str], buckets: list | None = None):
+    family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+    _families.append(family)
+    return family.Metric(labels=labels, buckets=buckets) if buckets is not None else family.Metric(labels=labels)
+
+
+class TritonEngineMetrics(EngineObserver):
+    """The engine's events as Prometheus series labelled ``model``."""
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+        histogram, gauge, counter = (
+            pb_utils.MetricFamily.HISTOGRAM,
+            pb_utils.MetricFamily.GAUGE,
+            pb_utils.MetricFamily.COUNTER,
+        )
+        self.queue_wait = _metric(
+            "omni_queue_wait_seconds", "Time requests waited before joining a batch", histogram, labels, _SECONDS
+        )
+        self.running = _metric("omni_running_requests", "Requests in flight in the engine", gauge, labels)
+        self.steps = _metric("omni_denoise_steps_total", "Denoising steps taken, summed over requests", counter, labels)
+        self.batch_size = _metric(
+            "omni_step_batch_size", "Requests served by one transformer call", histogram, labels, _BATCH
+        )
+        self.latency = _metric(
+            "omni_request_latency_seconds", "Arrival to completion of successful requests", histogram, labels, _SECONDS
+        )
+
+    def on_admitted(self, queue_wait_s: float) -> None:
+        self.queue_wait.observe(queue_wait_s)
+
+    def on_step(self, batch_size: int, running: int) -> None:
+        self.steps.increment(batch_size)
+        self.batch_size.observe(batch_size)
+        self.running.set(running)
+
+    def on_finished(self, latency_s: float) -> None:
+        self.latency.observe(latency_s)
