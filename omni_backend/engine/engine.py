@@ -89,7 +89,8 @@ class DiffusionEngine:
             self.scheduler.update(plan, result)
             finished = [(self._clients.pop(o.request_id), o) for o in result.finished]
             running = self.scheduler.num_running
-        self._observe(self.observer.on_step, len(plan.running_ids), running)
+        self._observe(self.observer.on_step, len(plan.running_ids))
+        self._observe(self.observer.on_running, running)
         for client, output in finished:
             self._deliver(client, output)
 
@@ -124,6 +125,8 @@ class DiffusionEngine:
         with self._wakeup:
             self.scheduler.remove(o.request_id for o in dropped)
             pairs = [(self._clients.pop(o.request_id), o) for o in dropped]
+            running = self.scheduler.num_running
+        self._observe(self.observer.on_running, running)
         self.runner.abort([o.request_id for o in dropped])
         for client, output in pairs:
             logger.info("request %s dropped: %s", output.request_id, output.error)

@@ -9,8 +9,11 @@ class EngineObserver:
     def on_admitted(self, queue_wait_s: float) -> None:
         """A request left the queue and joins the running batch."""
 
-    def on_step(self, batch_size: int, running: int) -> None:
-        """One transformer call served ``batch_size`` requests; ``running`` are in flight after it."""
+    def on_step(self, batch_size: int) -> None:
+        """One transformer call served ``batch_size`` requests."""
+
+    def on_running(self, running: int) -> None:
+        """``running`` requests are in flight now (after a step, a cancellation, a timeout)."""
 
     def on_finished(self, latency_s: float) -> None:
         """A request completed successfully, ``latency_s`` after it arrived."""

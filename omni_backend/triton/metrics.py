@@ -44,9 +44,11 @@ class TritonEngineMetrics(EngineObserver):
     def on_admitted(self, queue_wait_s: float) -> None:
         self.queue_wait.observe(queue_wait_s)
 
-    def on_step(self, batch_size: int, running: int) -> None:
+    def on_step(self, batch_size: int) -> None:
         self.steps.increment(batch_size)
         self.batch_size.observe(batch_size)
+
+    def on_running(self, running: int) -> None:
         self.running.set(running)
 
     def on_finished(self, latency_s: float) -> None:

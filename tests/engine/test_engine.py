@@ -163,7 +163,7 @@ def test_progress_and_previews(stages, flux_reference):
 
 
 class BrokenObserver(EngineObserver):
-    def on_step(self, batch_size: int, running: int) -> None:
+    def on_step(self, batch_size: int) -> None:
         raise RuntimeError("metrics backend gone")
 
 
