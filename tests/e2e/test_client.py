@@ -97,3 +97,18 @@ def test_cli_server_error_is_clean(server, tmp_path):
     assert done.returncode == 1
     assert "height" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_stream_shows_progress_and_saves_previews(server, tmp_path, flux_reference):
+    out, previews = tmp_path / "out.png", tmp_path / "previews"
+    done = cli(
+        "generate", "--url", server.grpc_url, "--model", "flux_stream", "--stream", "--preview-every", "2",
+        "--preview-dir", str(previews), "--prompt", "a red circle", "--height", "32", "--width", "48",
+        "--steps", "5", "--seed", "8", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "5/5" in done.stderr  # the progress bar reached the end
+    assert sorted(p.name for p in previews.iterdir()) == ["step_0002.png", "step_0004.png"]
+    assert_same_image(
+        np.asarray(Image.open(out)), flux_reference("a red circle", 8, **{**PARAMS, "num_inference_steps": 5})
+    )
