@@ -1,0 +1,299 @@
+"""Batching modes of the step engine under load: no batching, request-level, step-level.
+
+One tritonserver serves three copies of `flux` (tiny checkpoint, float32) that differ only in engine
+parameters: flux_none (max_num_seqs 1), flux_request (scheduling request, max_num_seqs 8: a batch
+forms when idle and runs to completion, like Triton's dynamic batcher), flux_step (scheduling step,
+max_num_seqs 8: requests join and leave between steps). Measured one after the other, same seeded
+closed loop: ``--clients`` threads with their own tritonclient.grpc client send back to back, each
+cycling through a seeded shuffle of (short | long steps) x (two ``--sizes``). After ``--warmup``
+completions, the window spans ``--requests`` completions while every client keeps sending. Per
+mode: throughput, p50/p99 latency per class, mean of the server's ``omni_step_batch_size``
+histogram (/metrics), and the cores OTHER processes used in the window (/proc/stat busy time minus
+this process and the server's group; the machine may be shared). Before each mode and before the
+in-process probe (one transformer step, one VAE decode) it waits up to ``--quiet-wait`` s for a
+quiet machine (others < 0.2 cores).
+
+    python -m benchmarks.step_batching [--sizes 768 1024] [--requests 64] [--clients 8]
+
+Writes benchmarks/results/step_batching.{csv,md} and, with matplotlib, two PNG bar charts."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+
+from benchmarks.overhead import grpc_inputs
+from omni_backend.testing.server import TritonServerProcess, live_group_members
+from omni_backend.testing.tiny import build_tiny_flux
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES: dict[str, dict[str, str]] = {  # config.pbtxt parameters of each copy
+    "none": {"max_num_seqs": "1"}, "request": {"scheduling": "request", "max_num_seqs": "8"},
+    "step": {"scheduling": "step", "max_num_seqs": "8"},
+}  # fmt: skip
+LABELS = {"none": "(a) no batching", "request": "(b) request-level", "step": "(c) step-level"}
+CLASSES = ("short", "long")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def with_parameters(config: str, name: str, params: dict[str, str]) -> str:
+    """``config`` with ``name:`` replaced and ``params`` added to (or replaced in) its parameters block."""
+    config = re.sub(r'^name: ".*"$', f'name: "{name}"', config, count=1, flags=re.M)
+    match = re.search(r"^parameters \[\n(.*?)^\]", config, flags=re.M | re.S)
+    if match is None:
+        raise ValueError("config.pbtxt has no parameters block")
+    lines = []
+    for line in match[1].splitlines():
+        key = re.search(r'key: "([^"]+)"', line)
+        if key is None or key[1] not in params:
+            lines.append(line.rstrip().rstrip(",") if key else line)
+    lines += [f'  {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in params.items()]
+    for i in [i for i, line in enumerate(lines) if "key:" in line][:-1]:  # commas between entries
+        lines[i] += ","
+    return config[: match.start(1)] + "\n".join(lines) + "\n" + config[match.end(1) :]
+
+
+def build_repository(repo: Path) -> None:
+    source = ROOT / "model_repository" / "flux"
+    for mode, params in MODES.items():
+        target = repo / f"flux_{mode}"
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        config = with_parameters((source / "config.pbtxt").read_text(), f"flux_{mode}", params)
+        (target / "config.pbtxt").write_text(config)
+
+
+def cpu_seconds(server_pgid: int | None) -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process + the server's group)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / TICK  # minus idle and iowait
+    times = os.times()
+    mine = times.user + times.system + times.children_user + times.children_system
+    for pid in live_group_members(server_pgid) if server_pgid else []:
+        with contextlib.suppress(OSError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            rest = stat[stat.rindex(")") + 2 :].split()
+            mine += (int(rest[11]) + int(rest[12])) / TICK  # utime, stime
+    return busy, mine
+
+
+def other_load(before: tuple[float, float], after: tuple[float, float], seconds: float) -> float:
+    """Cores used by other processes between two ``cpu_seconds`` readings."""
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / seconds
+
+
+def wait_quiet(server_pgid: int | None, limit_s: float) -> None:
+    """Wait (up to ``limit_s``) until other processes use < 0.2 cores over 3 s."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = cpu_seconds(server_pgid)
+        time.sleep(3)
+        load = other_load(before, cpu_seconds(server_pgid), 3)
+        if load < 0.2 or time.monotonic() > deadline:
+            return
+        print(f"  waiting for a quiet machine: other processes use {load:.2f} cores")
+
+
+def probe_ms(checkpoint: Path, size: int, batch: int) -> tuple[float, float]:
+    """Median ms of one transformer call (512 text tokens, as served) and of one VAE decode (batch 1)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer").eval()
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae").eval()
+    tokens, text = (size // 16) ** 2, 512
+    kwargs = {
+        "hidden_states": torch.randn(batch, tokens, 64), "encoder_hidden_states": torch.randn(batch, text, 32),
+        "pooled_projections": torch.randn(batch, 32), "timestep": torch.full((batch,), 0.5),
+        "guidance": torch.full((batch,), 3.5), "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3),
+    }  # fmt: skip
+    latents = torch.randn(1, 16, size // 8, size // 8)
+    results = []
+    for call in (lambda: model(**kwargs), lambda: vae.decode(latents)):
+        times = []
+        with torch.inference_mode():
+            for _ in range(7):  # the first 2 are warm-up
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        results.append(float(np.median(times[2:])) * 1000)
+    return results[0], results[1]
+
+
+def batch_size_stats(metrics_url: str, model: str) -> tuple[float, float]:
+    """(sum, count) of the omni_step_batch_size histogram for ``model``."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    pattern = rf'^omni_step_batch_size_(sum|count)\{{[^}}]*model="{model}"[^}}]*\}} (\S+)'
+    values = {kind: float(value) for kind, value in re.findall(pattern, text, re.M)}
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
+def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Closed-loop load on ``flux_<mode>``; returns one result row per class."""
+    model = f"flux_{mode}"
+    lock, stop, errors = threading.Lock(), threading.Event(), list[Exception]()
+    done: list[tuple[str, float, float, tuple[float, float]]] = []  # class, latency, end, cpu_seconds
+    total = args.warmup + args.requests
+    before = batch_size_stats(server.metrics_url, model)
+
+    def worker(index: int) -> None:
+        plan = [(cls, getattr(args, f"{cls}_steps"), size) for cls in CLASSES for size in args.sizes] * 2
+        random.Random(args.seed * 1000 + index).shuffle(plan)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            n = 0
+            while not stop.is_set():
+                cls, steps, size = plan[n % len(plan)]
+                start = time.perf_counter()
+                client.infer(model, grpc_inputs(size, steps, args.seed * 100000 + index * 1000 + n))
+                end, n = time.perf_counter(), n + 1
+                with lock:
+                    cpu = cpu_seconds(server.server_pid) if len(done) in (args.warmup - 1, total - 1) else (0, 0)
+                    done.append((cls, end - start, end, cpu))
+                    if len(done) >= total:
+                        stop.set()
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            stop.set()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{model}: a request failed") from errors[0]
+    after = batch_size_stats(server.metrics_url, model)
+    (*_, start, cpu_start), (*_, end, cpu_end) = done[args.warmup - 1], done[total - 1]
+    seconds = end - start
+    mean_batch, load = (after[0] - before[0]) / max(after[1] - before[1], 1), other_load(cpu_start, cpu_end, seconds)
+    print(f"{model}: {args.requests / seconds:.3f} req/s over {seconds:.1f} s, mean step batch {mean_batch:.2f}")
+    rows = []
+    for cls in CLASSES:
+        latencies = [d[1] for d in done[args.warmup : total] if d[0] == cls]
+        rows.append({
+            "mode": mode, "class": cls, "n": len(latencies), "throughput_rps": round(args.requests / seconds, 4),
+            "p50_s": round(float(np.percentile(latencies, 50)), 4),
+            "p99_s": round(float(np.percentile(latencies, 99)), 4),
+            "mean_step_batch": round(mean_batch, 3), "other_load_cores": round(load, 3),
+        })  # fmt: skip
+    return rows
+
+
+def write_plots(get: dict[tuple[str, str], dict[str, Any]], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        return
+    x = np.arange(len(MODES))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for offset, (cls, color) in enumerate(zip(CLASSES, ("tab:blue", "tab:orange"), strict=True)):
+        for q, alpha in (("p99_s", 0.35), ("p50_s", 1.0)):
+            values = [get[m, cls][q] for m in MODES]
+            ax.bar(x + (offset - 0.5) * 0.4, values, 0.38, color=color, alpha=alpha, label=f"{cls} {q[:3]}")
+    ax.set_xticks(x, [LABELS[m] for m in MODES])
+    ax.set(ylabel="latency (s)", title="Latency per class (p50 solid, p99 light)", ylim=(0, ax.get_ylim()[1] * 1.25))
+    ax.legend(ncol=2, fontsize="small", loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "step_batching_latency.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    throughput = [get[m, "short"]["throughput_rps"] for m in MODES]
+    ax.bar([LABELS[m] for m in MODES], throughput, color=["tab:gray", "tab:blue", "tab:green"])
+    ax.axhline(1.7 * throughput[0], color="tab:red", linestyle="--", label="target for (c): 1.7x (a)")
+    ax.set(ylabel="requests / s", title="Throughput", ylim=(0, max(throughput + [1.7 * throughput[0]]) * 1.2))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "step_batching_throughput.png", dpi=120)
+    plt.close("all")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs=2, default=[768, 1024])
+    for name, default in (("short-steps", 4), ("long-steps", 24), ("clients", 8), ("warmup", 8), ("requests", 64)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models, repo = Path(tmp) / "models", Path(tmp) / "repo"
+        checkpoint = build_tiny_flux(models / "tiny-flux", seed=0)
+        wait_quiet(None, args.quiet_wait)
+        probe = {(s, b): probe_ms(checkpoint, s, b) for s in args.sizes for b in (1, args.clients)}
+        build_repository(repo)
+        loads = ["--model-control-mode=explicit", *(f"--load-model=flux_{m}" for m in MODES)]
+        server = TritonServerProcess(repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads)
+        with server.start(timeout=600):
+            for mode in MODES:
+                wait_quiet(server.server_pid, args.quiet_wait)
+                rows += run_mode(server, mode, args)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "step_batching.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    get = {(r["mode"], r["class"]): r for r in rows}
+    speedup = get["step", "short"]["throughput_rps"] / get["none", "short"]["throughput_rps"]
+    short_ratio = get["step", "short"]["p50_s"] / get["request", "short"]["p50_s"]
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
+    lines = [
+        f"Machine: {cpu_name} ({platform.machine()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}. Workload: {args.clients} closed-loop gRPC clients; short = "
+        f"{args.short_steps} steps, long = {args.long_steps} steps; sizes "
+        f"{' and '.join(f'{s}x{s}' for s in args.sizes)}; {args.warmup} warm-up + {args.requests} measured "
+        f"requests per mode; seed {args.seed}.",
+        "In process, batch 1 unless said: " + "; ".join(
+            f"{s}x{s} transformer step batch {b}: {t:.1f} ms ({t / b:.1f} ms/request)" + (f", VAE decode {v:.0f} ms"
+            if b == 1 else "") for (s, b), (t, v) in probe.items()),
+        "",
+        "| mode | req/s | short n | short p50 | short p99 | long n | long p50 | long p99 | mean step batch "
+        "| other load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for mode in MODES:
+        s, lg = get[mode, "short"], get[mode, "long"]
+        lines.append(
+            f"| {LABELS[mode]} | {s['throughput_rps']:.3f} | {s['n']} | {s['p50_s']:.2f} s | {s['p99_s']:.2f} s | "
+            f"{lg['n']} | {lg['p50_s']:.2f} s | {lg['p99_s']:.2f} s | {s['mean_step_batch']:.2f} | "
+            f"{s['other_load_cores']:.2f} cores |"
+        )
+    lines.append(
+        f"\nThroughput (c) / (a): {speedup:.2f}x (target >= 1.7x: {'met' if speedup >= 1.7 else 'NOT met'}). "
+        f"Short p50 (c) / (b): {short_ratio:.2f} (target <= 0.33: {'met' if short_ratio <= 1 / 3 else 'NOT met'})."
+    )
+    (args.out / "step_batching.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    write_plots(get, args.out)
+
+
+if __name__ == "__main__":
+    main()
