@@ -119,13 +119,13 @@ class ModelRunner:
             for request in requests:
                 conditioning = request.conditioning if request.conditioning is not None else next(encoded)
                 self.states[request.request_id] = self.stages.prepare(request, conditioning)
-        except Exception as exc:
-            states = [self.states.pop(r.request_id, None) for r in requests]
-            for request in requests:
-                logger.exception("request %s failed while encoding: %s", request.request_id, exc)
-                result.finished.append(DiffusionOutput(request.request_id, error=f"encoding failed: {exc}"))
-            del states
-            return {r.request_id for r in requests}
+        except Exception as exc:  # one batched encode: its fault fails every joiner
+            ids = [r.request_id for r in requests]
+            logger.exception("requests %s failed while encoding", ", ".join(ids))
+            for request_id in ids:
+                self.states.pop(request_id, None)
+                result.finished.append(DiffusionOutput(request_id, error=f"encoding failed: {exc}"))
+            return set(ids)
         return set()
 
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:

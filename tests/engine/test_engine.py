@@ -174,3 +174,29 @@ def test_a_failing_observer_never_costs_a_request(stages):
     assert collect.done.wait(30)
     engine.stop()
     assert collect.outputs["a"].error is None
+
+
+def test_an_encoding_fault_fails_only_the_joiners(stages):
+    class FaultyEncoder(ModelRunner):
+        """Injects a text-encoder fault for one prompt (no real input triggers one on demand)."""
+
+        def _admit(self, requests, result):
+            if any(r.prompt == "boom" for r in requests):
+                original, self.stages.encode = self.stages.encode, None  # calling None raises TypeError
+                try:
+                    return super()._admit(requests, result)
+                finally:
+                    self.stages.encode = original
+            return super()._admit(requests, result)
+
+    engine = DiffusionEngine(FaultyEncoder(stages, RunnerOutput.IMAGE), EngineConfig())
+    collect = Collector(1)
+    engine.submit(replace(request("long", steps=40)), collect)
+    time.sleep(0.05)
+    bad = Collector(1)
+    engine.submit(DiffusionRequest("bad", SamplingParams(32, 32, 2, 3.5, 1.0, 0), prompt="boom"), bad)
+    assert bad.done.wait(30) and collect.done.wait(60)
+    engine.stop()
+    assert "encoding failed" in bad.outputs["bad"].error
+    assert collect.outputs["long"].error is None
+    assert not engine.runner.states
