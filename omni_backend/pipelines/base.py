@@ -93,6 +93,7 @@ class PipelineStages(ABC):
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
         """One transformer call for the current step of every state; one noise prediction each."""
 
+    @torch.inference_mode()
     def step(self, states: Sequence[DenoiseState], noise_preds: Sequence[torch.Tensor]) -> None:
         """Advance each request's own scheduler by one step."""
         for state, noise_pred in zip(states, noise_preds, strict=True):
