@@ -22,6 +22,8 @@ from omni_backend.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+WAITING_POLL_S = 0.05  # how often queued (not running) requests are checked for cancellation and timeout
+
 OutputCallback = Callable[[DiffusionOutput], None]
 ProgressCallback = Callable[[StepProgress], None]
 
@@ -44,6 +46,7 @@ class DiffusionEngine:
         self._clients: dict[str, _Client] = {}
         self._wakeup = threading.Condition()
         self._stopping = False
+        self._next_waiting_poll = 0.0
         self._thread = threading.Thread(target=self._loop, name="omni-engine", daemon=True)
         self._thread.start()
 
@@ -106,17 +109,28 @@ class DiffusionEngine:
             return StepResult([DiffusionOutput(i, error=f"internal error: {exc}") for i in plan.running_ids])
 
     def _drop_abandoned(self) -> None:
-        """Fail requests whose client cancelled or whose queue deadline passed, wherever they are."""
+        """Fail requests whose client cancelled or whose queue deadline passed, wherever they are.
+
+        Running requests are polled before every step (at most ``max_num_seqs`` of them), so a
+        cancelled one stops at the next step boundary; waiting ones, possibly hundreds, every
+        ``WAITING_POLL_S`` only: each ``is_cancelled`` is a round trip to the Triton server.
+        """
+        now = time.monotonic()
+        poll_waiting = now >= self._next_waiting_poll
+        if poll_waiting:
+            self._next_waiting_poll = now + WAITING_POLL_S
         with self._wakeup:
             clients = list(self._clients.values())
             waiting = {r.request_id for r in self.scheduler.waiting}
-        now = time.monotonic()
         dropped: list[DiffusionOutput] = []
         for client in clients:
             request = client.request
+            is_waiting = request.request_id in waiting
+            if is_waiting and not poll_waiting:
+                continue
             if client.is_cancelled is not None and client.is_cancelled():
                 dropped.append(DiffusionOutput(request.request_id, error="cancelled", error_kind=ErrorKind.CANCELLED))
-            elif request.queue_deadline is not None and request.request_id in waiting and now > request.queue_deadline:
+            elif request.queue_deadline is not None and is_waiting and now > request.queue_deadline:
                 waited = now - request.arrival_time
                 message = f"timed out after waiting {waited:.1f} s in the queue (queue_timeout_s)"
                 dropped.append(DiffusionOutput(request.request_id, error=message, error_kind=ErrorKind.UNAVAILABLE))
