@@ -74,6 +74,24 @@ class DiffusionRequest:
         return self.params.num_inference_steps
 
 
+@dataclass
+class StageTimings:
+    """Where one request's time went, in seconds (the stages of vLLM-Omni's DiffusionPipelineProfiler)."""
+
+    queue_s: float = 0.0  # arrival to joining the running set
+    encode_s: float = 0.0  # its (batched) text-encoder pass and preparation
+    denoise_s: float = 0.0  # the transformer calls it took part in, shared with their batches
+    decode_s: float = 0.0  # its (batched) VAE pass
+    steps: int = 0
+
+    def summary(self) -> str:
+        total = self.queue_s + self.encode_s + self.denoise_s + self.decode_s
+        return (
+            f"queue {self.queue_s:.3f} s, encode {self.encode_s:.3f} s, denoise {self.denoise_s:.3f} s "
+            f"({self.steps} steps), decode {self.decode_s:.3f} s, total {total:.3f} s"
+        )
+
+
 class ErrorKind(enum.Enum):
     """Why a request failed after validation (the Triton layer maps these to status codes)."""
 
@@ -90,6 +108,7 @@ class DiffusionOutput:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: str | None = None
     error_kind: ErrorKind = ErrorKind.INTERNAL
+    timings: StageTimings | None = None  # set for requests that completed
 
 
 # ---------------------------------------------------------------------------- parsing

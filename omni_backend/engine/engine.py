@@ -36,11 +36,13 @@ class _Client:
     on_output: OutputCallback  # exactly once
     on_progress: ProgressCallback | None = None  # after every step it takes
     is_cancelled: Callable[[], bool] | None = None  # polled between steps
+    admitted_at: float | None = None  # when it joined the running set
 
 
 class DiffusionEngine:
     def __init__(self, runner: ModelRunner, config: EngineConfig, observer: EngineObserver | None = None):
         self.runner = runner
+        self.config = config
         self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key)
         self.observer = observer or EngineObserver()
         self._clients: dict[str, _Client] = {}
@@ -100,6 +102,8 @@ class DiffusionEngine:
     def _execute(self, plan: StepPlan) -> StepResult:
         now = time.monotonic()
         for request in plan.admitted:
+            if (client := self._clients.get(request.request_id)) is not None:
+                client.admitted_at = now
             self._observe(self.observer.on_admitted, now - request.arrival_time)
         try:
             return self.runner.execute(plan)
@@ -165,6 +169,10 @@ class DiffusionEngine:
     def _deliver(self, client: _Client, output: DiffusionOutput) -> None:
         if output.error is None:
             self._observe(self.observer.on_finished, time.monotonic() - client.request.arrival_time)
+            if output.timings is not None and client.admitted_at is not None:
+                output.timings.queue_s = client.admitted_at - client.request.arrival_time
+                if self.config.log_stage_timings:
+                    logger.info("request %s: %s", output.request_id, output.timings.summary())
         try:
             client.on_output(output)
         except Exception:  # a broken response path must not stop the engine for everyone else

@@ -18,14 +18,14 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from omni_backend.config import RequestLimits
-from omni_backend.request import DiffusionRequest, SamplingDefaults
+from omni_backend.request import DiffusionRequest, SamplingDefaults, StageTimings
 
 # Per-request text conditioning, keyed by the family's tensor names (no batch dimension).
 Conditioning = dict[str, torch.Tensor]
@@ -49,6 +49,7 @@ class DenoiseState:
     timesteps: torch.Tensor  # the full schedule of this request
     scheduler: Any  # this request's own scheduler instance (schedulers are stateful)
     step_index: int = 0  # next step to run
+    timings: StageTimings = field(default_factory=StageTimings)
 
     @property
     def finished(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,10 +68,17 @@ def load_stages(config: ModelConfig, components: Component, device: torch.device
 
 
 class ModelRunner:
-    def __init__(self, stages: PipelineStages, output: RunnerOutput):
+    def __init__(self, stages: PipelineStages, output: RunnerOutput, synchronize: bool = False):
         self.stages = stages
         self.output = output
         self.states: dict[str, DenoiseState] = {}
+        # CUDA runs asynchronously: stage timings are only true if each stage waits for the device
+        self._synchronize = synchronize and torch.cuda.is_available()
+
+    def _clock(self) -> float:
+        if self._synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def execute(self, plan: StepPlan) -> StepResult:
         result = StepResult()
@@ -78,6 +86,7 @@ class ModelRunner:
         running = [self.states[i] for i in plan.running_ids if i not in failed]
         if not running:
             return result
+        started = self._clock()
         try:
             noise_preds = self.stages.denoise(running)
             # previews come from the clean latents predicted at this step, before the update
@@ -87,6 +96,10 @@ class ModelRunner:
         except Exception as exc:  # a fault in the shared call fails every request in it
             self._fail(running, "denoising step", exc, result)
             return result
+        elapsed = self._clock() - started
+        for state in running:
+            state.timings.denoise_s += elapsed
+            state.timings.steps += 1
         self._report_progress(running, [s for s, _ in due], clean, result)
         done = [s for s in running if s.finished]
         if done:
@@ -113,6 +126,7 @@ class ModelRunner:
         """Encode (one batched pass) and prepare the requests joining now; return the ids that failed."""
         if not requests:
             return set()
+        started = self._clock()
         try:
             to_encode = [r for r in requests if r.conditioning is None]
             encoded = iter(self.stages.encode(to_encode) if to_encode else [])
@@ -126,9 +140,13 @@ class ModelRunner:
                 self.states.pop(request_id, None)
                 result.finished.append(DiffusionOutput(request_id, error=f"encoding failed: {exc}"))
             return set(ids)
+        elapsed = self._clock() - started
+        for request in requests:
+            self.states[request.request_id].timings.encode_s = elapsed
         return set()
 
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
+        started = self._clock()
         try:
             latents = [self.stages.output_latents(s) for s in done]
             if self.output is RunnerOutput.IMAGE:
@@ -138,9 +156,12 @@ class ModelRunner:
         except Exception as exc:
             self._fail(done, "decoding", exc, result)
             return
+        elapsed = self._clock() - started
         for state, array in zip(done, arrays, strict=True):
             del self.states[state.request.request_id]
-            result.finished.append(DiffusionOutput(state.request.request_id, {self.output.value: array}))
+            state.timings.decode_s = elapsed
+            output = DiffusionOutput(state.request.request_id, {self.output.value: array}, timings=state.timings)
+            result.finished.append(output)
 
     def _fail(self, states: list[DenoiseState], where: str, exc: Exception, result: StepResult) -> None:
         for state in states:

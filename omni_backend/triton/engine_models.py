@@ -46,7 +46,7 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = ModelRunner(self.stages, self.output)
+        runner = ModelRunner(self.stages, self.output, synchronize=self.config.engine.log_stage_timings)
         self.engine = DiffusionEngine(runner, self.config.engine, TritonEngineMetrics(self.model_name))
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:

@@ -200,3 +200,22 @@ def test_an_encoding_fault_fails_only_the_joiners(stages):
     assert "encoding failed" in bad.outputs["bad"].error
     assert collect.outputs["long"].error is None
     assert not engine.runner.states
+
+
+def test_stage_timings_are_measured_and_logged_when_enabled(stages, caplog):
+    engine = DiffusionEngine(
+        ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig(max_num_seqs=1, log_stage_timings=True)
+    )
+    collect = Collector(2)
+    with caplog.at_level("INFO", logger="omni_backend.engine.engine"):
+        engine.submit(request("first", steps=20), collect)
+        engine.submit(request("second", steps=3), collect)  # waits for the first: it has a queue time
+        assert collect.done.wait(60)
+        engine.stop()
+    first, second = collect.outputs["first"].timings, collect.outputs["second"].timings
+    assert (first.steps, second.steps) == (20, 3)
+    assert min(first.encode_s, first.denoise_s, first.decode_s) > 0
+    assert second.queue_s > first.queue_s and second.queue_s >= first.denoise_s * 0.5
+    assert first.denoise_s > second.denoise_s  # 20 steps cost more than 3
+    lines = [r.getMessage() for r in caplog.records if "denoise" in r.getMessage()]
+    assert len(lines) == 2 and "(20 steps)" in " ".join(lines)
