@@ -1,0 +1,1 @@
+"""perf_analyzer benchmarks (see README.md here)."""
