@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0 or not out.exists():
             print(f"[perf_analyzer] failed (exit code {code})", file=sys.stderr)
             return code or 1
-        for row in read_csv(out):
+        for row in sorted(read_csv(out), key=lambda r: int(r["Concurrency"])):
             p50, p99 = int(row["p50 latency"]) / 1e3, int(row["p99 latency"]) / 1e3
             rate = float(row["Inferences/Second"])
             level = row["Concurrency"]

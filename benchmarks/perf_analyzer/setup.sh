@@ -34,20 +34,24 @@ PY
 download() {  # download SPEC: print the path of the wheel pip downloaded
     local dir
     dir="$(mktemp -d)"
-    "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: "$1" -d "$dir" >&2
+    if ! "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: "$1" -d "$dir" >&2; then
+        rm -rf "$dir"
+        echo "[setup] pip download $1 failed (no access to the package index?)" >&2
+        return 1
+    fi
     ls "$dir"/*.whl
 }
 
 if [[ ! -x "$BIN/perf_analyzer" ]]; then
     echo "[setup] downloading tritonclient==$TRITONCLIENT_VERSION (for its perf_analyzer binary)"
-    wheel="$(download "tritonclient==$TRITONCLIENT_VERSION")"
+    wheel="$(download "tritonclient==$TRITONCLIENT_VERSION")" || exit 1
     unpack "$wheel" "tritonclient-$TRITONCLIENT_VERSION.data/data/bin/perf_analyzer" "$BIN/perf_analyzer"
     rm -rf "$(dirname "$wheel")"
 fi
 
 if [[ ! -e "$BIN/lib/libcudart.so.12" ]]; then
     echo "[setup] downloading nvidia-cuda-runtime-cu12 (for libcudart.so.12)"
-    wheel="$(download "nvidia-cuda-runtime-cu12")"
+    wheel="$(download "nvidia-cuda-runtime-cu12")" || exit 1
     unpack "$wheel" "nvidia/cuda_runtime/lib/libcudart.so.12" "$BIN/lib/libcudart.so.12"
     rm -rf "$(dirname "$wheel")"
 fi
@@ -71,5 +75,5 @@ LD_LIBRARY_PATH="$BIN/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$BIN/per
 WRAPPER
 chmod +x "$BIN/pa"
 
-"$BIN/pa" --version
+echo "[setup] $("$BIN/pa" --version 2>&1)"
 echo "[setup] ready: $BIN/pa"

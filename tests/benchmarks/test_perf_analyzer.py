@@ -24,7 +24,8 @@ PA = ROOT / "benchmarks" / "perf_analyzer" / ".bin" / "pa"
 _NO_ACCESS = re.compile(
     r"Failed to establish a new connection|Temporary failure in name resolution|Could not resolve|"
     r"Network is unreachable|No matching distribution found|Could not find a version|ProxyError|"
-    r"Unable to locate package|needs libb64\.so\.0d|Failed to fetch|ConnectionError|Read timed out",
+    r"Unable to locate package|needs libb64\.so\.0d|Failed to fetch|ConnectionError|Read timed out|"
+    r"pip download .* failed",
 )
 
 pytestmark = pytest.mark.slow
