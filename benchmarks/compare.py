@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     began = time.monotonic()
 
+    def report(label: str, result: dict[str, float]) -> None:
+        print(f"[{time.monotonic() - began:.0f} s] {label}: {result['throughput_rps']:.3f} req/s, "
+              f"p50 {result['p50_s']:.4f} s, p99 {result['p99_s']:.4f} s", flush=True)  # fmt: skip
+
     from diffusers import FluxPipeline
 
     rows: list[dict[str, Any]] = []
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             result = closed_loop(floor_call, 1, args.warmup, args.requests, args.seed)
             rows.append({"system": "floor", "protocol": "inproc", "model": "diffusers FluxPipeline",
                          "concurrency": 1, **result})  # fmt: skip
-            print(f"floor: {result['throughput_rps']:.3f} req/s, p50 {result['p50_s']:.4f} s")
+            report("floor (in process) x1", result)
             urls = {"grpc": server.grpc_url, "http": server.http_url}
             for system, protocol, model in SERVED:
                 url = peer_url if system == "pytriton" else urls[protocol]
@@ -255,8 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = closed_loop(make_call, level, max(level, args.warmup), args.requests, args.seed)
                     rows.append({"system": system, "protocol": protocol, "model": model, "concurrency": level,
                                  **result})  # fmt: skip
-                    print(f"{system} ({protocol}) x{level}: {result['throughput_rps']:.3f} req/s, "
-                          f"p50 {result['p50_s']:.4f} s, p99 {result['p99_s']:.4f} s")  # fmt: skip
+                    report(f"{system} ({protocol}) x{level}", result)
 
     floor_p50 = rows[0]["p50_s"]
     for row in rows:
