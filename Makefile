@@ -33,6 +33,5 @@ test: install
 	$(PY) -m pytest -q -ra
 
 bench: install
-	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.step_batching
