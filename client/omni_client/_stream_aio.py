@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from tritonclient.utils import InferenceServerException
 
+from ._settings import ClientSettings
 from .request import GenerationRequest, make_request
 from .results import OutputFormat, check_output_format
 from .stream import (
@@ -21,13 +22,8 @@ from .stream import (
 )
 
 
-class AsyncStreamingMixin:
+class AsyncStreamingMixin(ClientSettings):
     """``generate_stream`` of :class:`~omni_client.aio.AsyncOmniClient`."""
-
-    protocol: str
-    url: str
-    model: str
-    timeout: float | None
 
     def _errors(self) -> AbstractContextManager[None]:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from typing import Any
 
 from tritonclient.utils import InferenceServerException
 
+from ._settings import ClientSettings
 from .errors import GenerationCancelled, OmniClientError, StopGeneration
 from .request import GenerationRequest, make_request
 from .results import OutputFormat, check_output_format
@@ -45,18 +46,12 @@ def _stream_failure(events: queue.Queue[tuple[Any, Any]], exc: InferenceServerEx
     return error if error is not None else exc
 
 
-class StreamingMixin:
+class StreamingMixin(ClientSettings):
     """``generate_stream`` and ``stream`` of :class:`~omni_client.client.OmniClient`.
 
     Each call opens its own gRPC connection and stream (tritonclient allows one stream per
     client), so calls may run concurrently from several threads.
     """
-
-    protocol: str
-    url: str
-    model: str
-    timeout: float | None
-    _closed: bool
 
     def _errors(self) -> AbstractContextManager[None]:
         raise NotImplementedError

@@ -14,7 +14,6 @@ from .errors import InvalidRequestError, OmniClientError, translate_errors
 from .models import ModelInfo, parse_repository_index
 from .request import GenerationRequest, build_inputs, make_request
 from .results import GenerationOutput, OutputFormat, check_output_format, decode_result
-from .urls import Protocol, check_protocol, normalize_url, uses_tls
 
 
 class AsyncOmniClient(AsyncStreamingMixin):
@@ -38,24 +37,8 @@ class AsyncOmniClient(AsyncStreamingMixin):
         ...     images = await client.generate_many(["a fox", "a cat"], concurrency=2)
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: Protocol = "grpc",
-        model: str = "flux",
-        timeout: float | None = None,
-        *,
-        ssl: bool | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.protocol: Protocol = check_protocol(protocol)
-        self.url = normalize_url(url, self.protocol)
-        self.model = model
-        self.timeout = timeout
-        self._ssl = uses_tls(url) if ssl is None else ssl
-        self._verbose = verbose
-        self._triton: Any = None
-        self._closed = False
+    def _open(self) -> Any:
+        return None  # created inside the running event loop, on the first call
 
     # -- plumbing -------------------------------------------------------------------------------
     def _errors(self) -> AbstractContextManager[None]:
