@@ -1,0 +1,48 @@
+"""``benchmarks.full_size``: the full-size configs are the released architectures, and the timing path runs."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.full_size import FAMILIES, parameter_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_full_size_configs_have_the_released_parameter_counts() -> None:
+    rows = parameter_table(sorted(FAMILIES))
+    assert {family for family, *_ in rows} == set(FAMILIES)
+    for family, component, ours, released in rows:
+        # released sizes are rounded ("14B"); an architecture slip (a wrong width or depth) is off by far more
+        assert ours == pytest.approx(released, rel=0.03), (family, component, ours, released)
+
+
+@pytest.mark.slow
+def test_smoke_times_every_family(tmp_path: Path) -> None:
+    out = tmp_path / "full_size.csv"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.full_size", "--smoke", "--dtype", "float32", "--repeats", "1",
+         "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["family"] for r in rows] == sorted(FAMILIES)
+    for row in rows:
+        assert row["smoke"] == "True" and row["height"] == "64", row
+        assert 0 < float(row["min_s"]) <= float(row["median_s"]), row
+        assert int(row["params"]) > 0, row
+
+
+def test_full_size_refuses_a_cpu_run() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.full_size", "--family", "flux", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "needs a GPU" in run.stderr
