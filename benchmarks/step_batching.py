@@ -14,6 +14,7 @@ in-process probe (one transformer step, one VAE decode) it waits up to ``--quiet
 quiet machine (others < 0.2 cores).
 
     python -m benchmarks.step_batching [--sizes 768 1024] [--requests 64] [--clients 8]
+    python -m benchmarks.step_batching --smoke --out DIR   # seconds: tiny sizes and counts (tests)
 
 Writes benchmarks/results/step_batching.{csv,md} and, with matplotlib, two PNG bar charts."""
 
@@ -230,7 +231,11 @@ def write_plots(get: dict[tuple[str, str], dict[str, Any]], out: Path) -> None:
     plt.close("all")
 
 
-def main() -> None:
+SMOKE = {"sizes": [64, 128], "short_steps": 1, "long_steps": 3, "clients": 2, "warmup": 2, "requests": 6,
+         "quiet_wait": 0.0}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs=2, default=[768, 1024])
     for name, default in (("short-steps", 4), ("long-steps", 24), ("clients", 8), ("warmup", 8), ("requests", 64)):
@@ -238,7 +243,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help=f"a quick check that it all runs: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
 
     rows: list[dict[str, Any]] = []
