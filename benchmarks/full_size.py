@@ -174,6 +174,66 @@ def build_wan22_t2v(smoke: bool) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------- Qwen-Image
+
+
+def _qwen25_vl_7b(tokenizer: Any) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(  # Qwen/Qwen2.5-VL-7B-Instruct, as Qwen-Image ships it
+            text_config={
+                "vocab_size": 152064,
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 128000,
+                "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+                "tie_word_embeddings": False,
+            },
+            vision_config={
+                "depth": 32,
+                "hidden_size": 1280,
+                "intermediate_size": 3420,
+                "num_heads": 16,
+                "out_hidden_size": 3584,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "window_size": 112,
+                "fullatt_block_indexes": [7, 15, 23, 31],
+            },
+            # the tiny tokenizer's ids of the special tokens (all inside the real vocabulary)
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+    )
+
+
+def build_qwen_image(smoke: bool) -> dict[str, Any]:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from omni_backend.testing.tiny_qwen import QWEN_IMAGE_SCHEDULER_CONFIG, qwen_image_components
+    from omni_backend.testing.tokenizers import build_qwen2_tokenizer
+
+    if smoke:  # the tiny checkpoint's own components: the same classes, narrow
+        return qwen_image_components(seed=0)
+    tokenizer = build_qwen2_tokenizer()
+    return {  # diffusers' defaults of both classes are Qwen-Image's released configs
+        "scheduler": _on_cpu(FlowMatchEulerDiscreteScheduler, **QWEN_IMAGE_SCHEDULER_CONFIG),
+        "vae": AutoencoderKLQwenImage(),
+        "text_encoder": _qwen25_vl_7b(tokenizer),
+        "tokenizer": tokenizer,
+        "transformer": QwenImageTransformer2DModel(),
+    }
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "flux": FamilySpec(
         pipeline="FluxPipeline",
@@ -182,6 +242,20 @@ FAMILIES: dict[str, FamilySpec] = {
         published_params_b={"transformer": 11.90, "text_encoder_2": 4.76, "text_encoder": 0.123, "vae": 0.084},
         defaults={"height": 1024, "width": 1024, "num_inference_steps": 28, "guidance_scale": 3.5},
         reference="FLUX.1-dev, 1 x H100, 1024x1024, 28 steps: 6.71 s (xDiT)",
+    ),
+    "qwen_image": FamilySpec(
+        pipeline="QwenImagePipeline",
+        build=build_qwen_image,
+        # Qwen-Image: 20B MMDiT; Qwen2.5-VL-7B text encoder (8.29B with its vision tower)
+        published_params_b={"transformer": 20.0, "text_encoder": 8.29},
+        defaults={
+            "height": 1024,
+            "width": 1024,
+            "num_inference_steps": 50,
+            "true_cfg_scale": 4.0,
+            "negative_prompt": " ",
+        },  # fmt: skip
+        reference="Qwen-Image, 1024x1024, 50 steps: 20.0 s baseline (vLLM-Omni docs)",
     ),
     "wan22_t2v": FamilySpec(
         pipeline="WanPipeline",
