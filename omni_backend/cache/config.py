@@ -101,3 +101,12 @@ def _typed(key: str, value: object, default: object) -> object:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def check_cache_threshold(backend: str, value: float | None) -> None:
+    """A request's ``cache_threshold`` needs a backend with a threshold; else INVALID_ARG naming the field."""
+    from omni_backend.request import InvalidRequestError
+
+    if value is not None and backend not in THRESHOLD_FIELD:
+        reason = "has no threshold (set cache_interval)" if backend in CACHE_BACKENDS else "is not configured"
+        raise InvalidRequestError("cache_threshold", f"this model's step cache {reason} (cache_backend: {backend})")
