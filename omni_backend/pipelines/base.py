@@ -64,6 +64,7 @@ class PipelineStages(ABC):
     # Set by omni_backend.runner.acceleration when cache_backend is configured; ``denoise`` calls
     # ``step_cache.forward(rows, inputs)`` instead of the transformer (omni_backend/cache/step_cache.py).
     step_cache: Any = None
+    device: torch.device  # where the stages compute (set by ``load``; offload loads to the host first)
 
     # ------------------------------------------------------------------ acceleration (optional per family)
 

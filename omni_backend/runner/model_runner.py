@@ -22,7 +22,7 @@ from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
-from omni_backend.runner.acceleration import apply_acceleration
+from omni_backend.runner.acceleration import Acceleration, apply_acceleration
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,21 @@ def resolve_device(setting: str, instance_kind: str, device_id: int) -> torch.de
 def load_stages(
     config: ModelConfig, components: Component, device: torch.device, observer: AccelerationObserver | None = None
 ) -> PipelineStages:
+    return load_accelerated(config, components, device, observer or AccelerationObserver())[0]
+
+
+def load_accelerated(
+    config: ModelConfig, components: Component, device: torch.device, observer: AccelerationObserver
+) -> tuple[PipelineStages, Acceleration]:
+    """The stages with the config's acceleration applied, and what was applied (tests, benchmarks)."""
     stages_cls = resolve_family(config.family)
-    stages = stages_cls.load(config.resolve_checkpoint(), components, _DTYPES[config.dtype], device, config.options)
-    apply_acceleration(stages, config, device, observer or AccelerationObserver())
-    return stages
+    # with offload, weights load into host memory and the offload policy places them: the whole
+    # pipeline never has to fit on the device, not even while loading
+    load_device = torch.device("cpu") if config.acceleration.offload != "none" else device
+    checkpoint, dtype = config.resolve_checkpoint(), _DTYPES[config.dtype]
+    stages = stages_cls.load(checkpoint, components, dtype, load_device, config.options)
+    stages.device = device
+    return stages, apply_acceleration(stages, config, device, observer)
 
 
 class ModelRunner:

@@ -11,10 +11,9 @@ from omni_backend.config import EngineConfig, parse_model_config
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.engine.scheduler import StepScheduler
 from omni_backend.pipelines.base import Component
-from omni_backend.pipelines.flux import FluxOptions, FluxStages
+from omni_backend.pipelines.flux import FluxOptions
 from omni_backend.request import DiffusionRequest, SamplingParams
-from omni_backend.runner.acceleration import Acceleration, apply_acceleration
-from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_accelerated
 
 # (prompt, seed, negative_prompt, true_cfg_scale, steps): a plain and a true-CFG request
 MIXED = [("a red circle on a blue background", 1, None, 1.0, 6), ("a green square", 2, "blurry", 3.0, 4)]
@@ -38,12 +37,11 @@ class CountingObserver(AccelerationObserver):
         self.offload_bytes += moved
 
 
-def load(tiny_flux: Path, components: Component = Component.ALL, **parameters: str):
+def load(tiny_flux: Path, components: Component = Component.ALL, device: str = "cpu", **parameters: str):
     """(stages, applied acceleration, observer) for the tiny FLUX with config.pbtxt ``parameters``."""
     config = parse_model_config({"family": "flux", "model": str(tiny_flux), **parameters}, FluxOptions)
-    stages = FluxStages.load(str(tiny_flux), components, torch.float32, torch.device("cpu"), config.options)
     observer = CountingObserver()
-    applied: Acceleration = apply_acceleration(stages, config, torch.device("cpu"), observer)
+    stages, applied = load_accelerated(config, components, torch.device(device), observer)
     return stages, applied, observer
 
 
