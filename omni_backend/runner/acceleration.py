@@ -10,7 +10,7 @@ and the engine call the same ``encode`` / ``denoise`` / ``decode`` as before.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -97,13 +97,18 @@ def _apply_vae_options(stages: PipelineStages, tiling: bool, slicing: bool) -> N
 
 
 def _warm_up(stages: PipelineStages, sizes: str) -> None:
-    """Compile at load for the configured shapes, so the first request of each is not slow."""
+    """Compile at load for the configured shapes, so the first request of each is not slow.
+
+    Each shape runs alone and as a pair: dynamic shapes specialise a dimension of size 1, so batch
+    1 and batch >= 2 are the two graphs a shape needs; larger step batches reuse the second.
+    """
     defaults = stages.defaults
     shapes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")] if sizes else []
     for height, width in shapes or [(defaults.height, defaults.width)]:
-        request, conditioning = stages.warmup_request(height, width)
-        state = stages.prepare(request, conditioning)
-        while not state.finished:
-            stages.step([state], stages.denoise([state]))
-        stages.release([request.request_id])
+        for batch in (1, 2):
+            pairs = [stages.warmup_request(height, width) for _ in range(batch)]
+            requests = [replace(request, request_id=f"warm-up-{i}") for i, (request, _) in enumerate(pairs)]
+            states = [stages.prepare(r, conditioning) for r, (_, conditioning) in zip(requests, pairs, strict=True)]
+            stages.step(states, stages.denoise(states))
+            stages.release([r.request_id for r in requests])
         logger.info("compiled and warmed up the transformer for %dx%d", height, width)
