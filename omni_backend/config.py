@@ -49,6 +49,22 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AccelerationConfig:
+    """Offload, step cache, prompt-embedding cache, compilation, VAE memory (README "Acceleration")."""
+
+    offload: str = "none"  # "none", "model" (one stage's modules on the device) or "layerwise" (a block window)
+    offload_window: int = 1  # layerwise: transformer blocks per group on the device (the next one prefetched)
+    cache_backend: str = "none"  # "none", "tea_cache", "first_block_cache", "mag_cache", "taylorseer"
+    cache_config: str = "{}"  # JSON object of the backend's settings (omni_backend/cache/config.py)
+    enable_prompt_embed_cache: bool = False  # LRU of text-encoder outputs keyed on prompts + encoder params
+    prompt_embed_cache_size: int = 64  # entries (one per prompt / negative prompt / encoder params)
+    compile: str = "none"  # "none" or "regional": torch.compile the transformer's repeated blocks
+    compile_warmup_sizes: str = ""  # "HxW,HxW" warmed at load ("" : the model's default size)
+    vae_tiling: bool = False  # decode large images tile by tile
+    vae_slicing: bool = False  # decode a batch one image at a time
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole validated config of one Triton model."""
 
@@ -59,6 +75,8 @@ class ModelConfig:
     model_root: str = DEFAULT_MODEL_ROOT
     limits: RequestLimits = field(default_factory=RequestLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
+    step_cache: Any = None  # cache_backend + cache_config parsed (omni_backend.cache.config), None: no cache
     options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
 
     def resolve_checkpoint(self) -> str:
@@ -153,6 +171,7 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if engine.scheduling not in ("step", "request"):
         raise ConfigError(f"scheduling: {engine.scheduling!r} is not 'step' or 'request'")
+    acceleration, step_cache = _parse_acceleration(values)
     options = parse_dataclass(options_cls, values) if options_cls is not None else None
     if values:
         raise ConfigError(f"{sorted(values)[0]}: unknown config parameter (known keys: {_known_keys(options_cls)})")
@@ -164,13 +183,37 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         model_root=model_root,
         limits=limits,
         engine=engine,
+        acceleration=acceleration,
+        step_cache=step_cache,
         options=options,
     )
 
 
+def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any]:
+    from omni_backend.cache.config import parse_cache_config  # imports ConfigError from here
+
+    accel = parse_dataclass(AccelerationConfig, values)
+    choices = {"offload": ("none", "model", "layerwise"), "compile": ("none", "regional")}
+    for key, allowed in choices.items():
+        if getattr(accel, key) not in allowed:
+            raise ConfigError(f"{key}: {getattr(accel, key)!r} is not one of {', '.join(allowed)}")
+    if accel.offload_window < 1:
+        raise ConfigError(f"offload_window: must be at least 1, got {accel.offload_window}")
+    if accel.offload_window != 1 and accel.offload != "layerwise":
+        raise ConfigError("offload_window: only applies with offload: layerwise")
+    if accel.offload == "layerwise" and accel.compile != "none":
+        # group-offloading hooks move weights inside the compiled blocks' forward: graph breaks every block
+        raise ConfigError("compile: 'regional' cannot be combined with offload: layerwise")
+    if accel.prompt_embed_cache_size < 1:
+        raise ConfigError(f"prompt_embed_cache_size: must be at least 1, got {accel.prompt_embed_cache_size}")
+    if accel.compile_warmup_sizes and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", accel.compile_warmup_sizes):
+        raise ConfigError(f"compile_warmup_sizes: {accel.compile_warmup_sizes!r} is not 'HxW[,HxW...]'")
+    return accel, parse_cache_config(accel.cache_backend, accel.cache_config)
+
+
 def _known_keys(options_cls: type | None) -> str:
     names = ["family", "model", "dtype", "device", "model_root"]
-    for cls in (RequestLimits, EngineConfig, options_cls):
+    for cls in (RequestLimits, EngineConfig, AccelerationConfig, options_cls):
         if cls is not None:
             names += [f.name for f in dataclasses.fields(cls)]
     return ", ".join(names)

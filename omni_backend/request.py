@@ -21,6 +21,7 @@ import numpy as np
 from omni_backend.config import RequestLimits
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_CACHE_THRESHOLD = 10.0  # far above any useful step-cache threshold (0.05 - 1.5 in the field)
 
 
 class InvalidRequestError(ValueError):
@@ -53,6 +54,7 @@ class SamplingParams:
     guidance_scale: float
     true_cfg_scale: float
     seed: int
+    cache_threshold: float | None = None  # overrides the step cache's configured threshold (None: keep it)
 
 
 @dataclass(eq=False)  # identity: two requests are never "equal", and tensors don't compare to bools
@@ -190,6 +192,9 @@ def parse_sampling_params(
     guidance = _float_in(inputs, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance)
     true_cfg = _float_in(inputs, "true_cfg_scale", defaults.true_cfg_scale, 0.0, limits.max_guidance)
     seed = parse_int(inputs, "seed", random.randint(0, 2**31 - 1), INT64_MIN, INT64_MAX)
+    cache_threshold = None
+    if "cache_threshold" in inputs:
+        cache_threshold = _float_in(inputs, "cache_threshold", 0.0, 0.0, MAX_CACHE_THRESHOLD)
     return SamplingParams(
         height=height,
         width=width,
@@ -197,6 +202,7 @@ def parse_sampling_params(
         guidance_scale=guidance,
         true_cfg_scale=true_cfg,
         seed=seed,
+        cache_threshold=cache_threshold,
     )
 
 

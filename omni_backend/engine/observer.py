@@ -17,3 +17,16 @@ class EngineObserver:
 
     def on_finished(self, latency_s: float) -> None:
         """A request completed successfully, ``latency_s`` after it arrived."""
+
+
+class AccelerationObserver:
+    """No-op base for what the acceleration features report (step caches, prompt cache, offload)."""
+
+    def on_cache_steps(self, skipped: int, computed: int) -> None:
+        """A step cache served ``skipped`` rows from cache and ran the transformer for ``computed`` rows."""
+
+    def on_prompt_cache(self, hits: int, misses: int) -> None:
+        """The prompt-embedding cache answered ``hits`` prompts and sent ``misses`` to the text encoders."""
+
+    def on_offload_bytes(self, moved: int) -> None:
+        """Offloading moved ``moved`` bytes of weights between host and device."""

@@ -61,6 +61,33 @@ class PipelineStages(ABC):
 
     # The family's own config.pbtxt options (a dataclass), or None.
     options_cls: ClassVar[type | None] = None
+    # Set by omni_backend.runner.acceleration when cache_backend is configured; ``denoise`` calls
+    # ``step_cache.forward(rows, inputs)`` instead of the transformer (omni_backend/cache/step_cache.py).
+    step_cache: Any = None
+    device: torch.device  # where the stages compute (set by ``load``; offload loads to the host first)
+
+    # ------------------------------------------------------------------ acceleration (optional per family)
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        """The loaded modules per stage: ``text_encoder`` (encode), ``transformer`` (denoise), ``vae`` (decode)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support offload or VAE options")
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        """Everything that decides ``encode``'s output for ``request``: the prompt-embedding cache key."""
+        raise NotImplementedError(f"{type(self).__name__} does not support the prompt-embedding cache")
+
+    def step_cache_adapter(self) -> Any:
+        """The family's StepCacheAdapter (omni_backend/cache/step_cache.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support step caches")
+
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        """A request with placeholder conditioning, run at load to compile the transformer for a shape."""
+        raise NotImplementedError(f"{type(self).__name__} does not support compile warm-up")
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Forget per-request acceleration state of requests that ended (finished, failed, aborted)."""
+        if self.step_cache is not None:
+            self.step_cache.release(request_ids)
 
     @classmethod
     @abstractmethod

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
+from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
-from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 _TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -99,6 +101,35 @@ class FluxStages(PipelineStages):
             else self.options.max_sequence_length
         )
         return (request.params.height, request.params.width, text_len)
+
+    # ------------------------------------------------------------------ acceleration
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        pipe = self.pipe
+        groups = {
+            "text_encoder": [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None],
+            "transformer": [pipe.transformer] if pipe.transformer is not None else [],
+            "vae": [pipe.vae] if pipe.vae is not None else [],
+        }
+        return {name: modules for name, modules in groups.items() if modules}
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        # the negative prompt is only encoded (and so only part of the output) when true CFG is on
+        wants_cfg = _wants_true_cfg(request.negative_prompt, request.params.true_cfg_scale)
+        negative = request.negative_prompt if wants_cfg else None
+        return (request.prompt, negative, self.options.max_sequence_length)
+
+    def step_cache_adapter(self) -> FluxCacheAdapter:
+        return FluxCacheAdapter()
+
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        length = self.options.max_sequence_length
+        conditioning = {
+            "prompt_embeds": torch.zeros(length, self.joint_attention_dim),
+            "pooled_prompt_embeds": torch.zeros(self.pooled_projection_dim),
+        }
+        params = SamplingParams(height, width, 2, self.defaults.guidance_scale, 1.0, 0)
+        return DiffusionRequest("warm-up", params, conditioning=conditioning), conditioning
 
     # ------------------------------------------------------------------ 1. encode
 
@@ -212,16 +243,19 @@ class FluxStages(PipelineStages):
         text = torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
         pooled = torch.stack([s.conditioning[f"{p}pooled_prompt_embeds"] for s, p in rows])
         text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=dtype)
-        noise = self.pipe.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=text,
-            txt_ids=text_ids,
-            img_ids=flux_states[0].latent_image_ids,
-            return_dict=False,
-        )[0]
+        inputs = {
+            "hidden_states": latents,
+            "timestep": timestep / 1000,
+            "guidance": guidance,
+            "pooled_projections": pooled,
+            "encoder_hidden_states": text,
+            "txt_ids": text_ids,
+            "img_ids": flux_states[0].latent_image_ids,
+        }
+        if self.step_cache is not None:
+            noise = self.step_cache.forward([_cache_row(s, p) for s, p in rows], inputs)
+        else:
+            noise = self.pipe.transformer(**inputs, return_dict=False)[0]
         preds = [noise[i : i + 1] for i in range(len(flux_states))]
         for j, state in enumerate(cfg):
             i = flux_states.index(state)
@@ -269,5 +303,47 @@ class FluxStages(PipelineStages):
         return [(p * 255).round().astype(np.uint8) for p in pixels]
 
 
+def _cache_row(state: DenoiseState, prefix: str) -> CacheRow:
+    return CacheRow(
+        request_id=state.request.request_id,
+        branch="uncond" if prefix else "cond",
+        step_index=state.step_index,
+        num_steps=len(state.timesteps),
+        threshold=state.request.params.cache_threshold,
+    )
+
+
 def _wants_true_cfg(negative_prompt: str | None, true_cfg_scale: float) -> bool:
     return negative_prompt is not None and true_cfg_scale > 1
+
+
+class FluxCacheAdapter:
+    """What the step caches need to know about FluxTransformer2DModel (see StepCacheAdapter)."""
+
+    row_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
+    # TeaCache's rescale polynomial for FLUX.1, fitted by its authors (ali-vilab/TeaCache, TeaCache4FLUX)
+    tea_cache_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+    mag_ratios = tuple(FLUX_MAG_RATIOS.tolist())  # diffusers' calibration for FLUX.1-dev / schnell
+
+    def embed(self, transformer: FluxTransformer2DModel, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the first lines of FluxTransformer2DModel.forward
+        hidden = transformer.x_embedder(inputs["hidden_states"])
+        timestep = inputs["timestep"].to(hidden.dtype) * 1000
+        pooled = inputs["pooled_projections"]
+        if inputs["guidance"] is None:
+            temb = transformer.time_text_embed(timestep, pooled)
+        else:
+            temb = transformer.time_text_embed(timestep, inputs["guidance"].to(hidden.dtype) * 1000, pooled)
+        return hidden, temb
+
+    def modulated_input(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, temb: torch.Tensor):
+        return transformer.transformer_blocks[0].norm1(hidden, emb=temb)[0]
+
+    def head(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return transformer.proj_out(transformer.norm_out(hidden, temb))
+
+    def block_io_modules(self, transformer: FluxTransformer2DModel) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return transformer.x_embedder, transformer.norm_out
+
+    def probe(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
+        return transformer.single_transformer_blocks[-1].attn.to_q

@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from omni_backend.config import ModelConfig
+from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
+from omni_backend.runner.acceleration import Acceleration, apply_acceleration
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,24 @@ def resolve_device(setting: str, instance_kind: str, device_id: int) -> torch.de
     return torch.device(setting)
 
 
-def load_stages(config: ModelConfig, components: Component, device: torch.device) -> PipelineStages:
+def load_stages(
+    config: ModelConfig, components: Component, device: torch.device, observer: AccelerationObserver | None = None
+) -> PipelineStages:
+    return load_accelerated(config, components, device, observer or AccelerationObserver())[0]
+
+
+def load_accelerated(
+    config: ModelConfig, components: Component, device: torch.device, observer: AccelerationObserver
+) -> tuple[PipelineStages, Acceleration]:
+    """The stages with the config's acceleration applied, and what was applied (tests, benchmarks)."""
     stages_cls = resolve_family(config.family)
-    return stages_cls.load(config.resolve_checkpoint(), components, _DTYPES[config.dtype], device, config.options)
+    # with offload, weights load into host memory and the offload policy places them: the whole
+    # pipeline never has to fit on the device, not even while loading
+    load_device = torch.device("cpu") if config.acceleration.offload != "none" else device
+    checkpoint, dtype = config.resolve_checkpoint(), _DTYPES[config.dtype]
+    stages = stages_cls.load(checkpoint, components, dtype, load_device, config.options)
+    stages.device = device
+    return stages, apply_acceleration(stages, config, device, observer)
 
 
 class ModelRunner:
@@ -139,6 +156,7 @@ class ModelRunner:
             for request_id in ids:
                 self.states.pop(request_id, None)
                 result.finished.append(DiffusionOutput(request_id, error=f"encoding failed: {exc}"))
+            self.stages.release(ids)
             return set(ids)
         elapsed = self._clock() - started
         for request in requests:
@@ -162,6 +180,7 @@ class ModelRunner:
             state.timings.decode_s = elapsed
             output = DiffusionOutput(state.request.request_id, {self.output.value: array}, timings=state.timings)
             result.finished.append(output)
+        self.stages.release([s.request.request_id for s in done])
 
     def _fail(self, states: list[DenoiseState], where: str, exc: Exception, result: StepResult) -> None:
         for state in states:
@@ -169,7 +188,9 @@ class ModelRunner:
             logger.error("request %s failed during %s: %r", request_id, where, exc)
             self.states.pop(request_id, None)
             result.finished.append(DiffusionOutput(request_id, error=f"{where} failed: {exc}"))
+        self.stages.release([s.request.request_id for s in states])
 
     def abort(self, request_ids: Sequence[str]) -> None:
         for request_id in request_ids:
             self.states.pop(request_id, None)
+        self.stages.release(request_ids)

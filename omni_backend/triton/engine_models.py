@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from omni_backend.cache.config import check_cache_threshold
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
 from omni_backend.pipelines.base import Component
@@ -62,6 +63,7 @@ class _EngineModel(OmniModel):
             request_id = f"{next(self._ids)}:{request.request_id() or '-'}"
             try:
                 parsed = self.parse(request_id, tensors.request_arrays(request))
+                check_cache_threshold(self.config.acceleration.cache_backend, parsed.params.cache_threshold)
                 parsed.queue_deadline = self._queue_deadline(request, parsed.arrival_time)
                 callbacks = (
                     partial(self._respond, request, parsed),

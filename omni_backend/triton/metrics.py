@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import triton_python_backend_utils as pb_utils
 
-from omni_backend.engine.observer import EngineObserver
+from omni_backend.engine.observer import AccelerationObserver, EngineObserver
 
 _SECONDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 _BATCH = [1, 2, 4, 8, 16, 32, 64]
@@ -53,3 +55,37 @@ class TritonEngineMetrics(EngineObserver):
 
     def on_finished(self, latency_s: float) -> None:
         self.latency.observe(latency_s)
+
+
+class TritonAccelerationMetrics(AccelerationObserver):
+    """Step cache, prompt-embedding cache and offload counters, labelled ``model``.
+
+    Step-cache counts are per transformer row (a true-CFG request takes two rows per step).
+    """
+
+    _SERIES: ClassVar[dict[str, str]] = {
+        "omni_cache_skipped_steps_total": "Transformer rows a step cache served without the full transformer",
+        "omni_cache_computed_steps_total": "Transformer rows a step cache ran through the full transformer",
+        "omni_prompt_embed_cache_hits_total": "Prompts answered by the prompt-embedding cache",
+        "omni_prompt_embed_cache_misses_total": "Prompts sent to the text encoders by the prompt-embedding cache",
+        "omni_offload_bytes_total": "Bytes of weights moved between host and device by offloading",
+    }
+
+    def __init__(self, model_name: str):
+        labels, counter = {"model": model_name}, pb_utils.MetricFamily.COUNTER
+        self._metrics = {name: _metric(name, text, counter, labels) for name, text in self._SERIES.items()}
+
+    def _add(self, name: str, value: int) -> None:
+        if value:
+            self._metrics[name].increment(value)
+
+    def on_cache_steps(self, skipped: int, computed: int) -> None:
+        self._add("omni_cache_skipped_steps_total", skipped)
+        self._add("omni_cache_computed_steps_total", computed)
+
+    def on_prompt_cache(self, hits: int, misses: int) -> None:
+        self._add("omni_prompt_embed_cache_hits_total", hits)
+        self._add("omni_prompt_embed_cache_misses_total", misses)
+
+    def on_offload_bytes(self, moved: int) -> None:
+        self._add("omni_offload_bytes_total", moved)

@@ -1,0 +1,352 @@
+"""Step caches: skip transformer work on steps that change little, with per-request state in a step batch.
+
+A step batch mixes requests at different step indices, so every skip decision and every piece of
+cached state belongs to one *row*: a request's conditional or negative (true-CFG) branch, keyed
+``"<request id>/<branch>"``. State is created when a row is at step 0, dropped after its last step
+and released by the runner when a request fails or is aborted: it never leaks between requests.
+
+- ``TeaCache`` (ours, no diffusers equivalent) decides per row inside ONE batched call: the rows
+  that compute run the transformer together; the skipped rows only pay the embedders and the
+  output head on their cached block residual.
+- ``DiffusersStepCache`` runs diffusers' FirstBlockCache / MagCache / TaylorSeer hooks. Their
+  state is module-level, keyed by ``cache_context`` name, so each row is its own transformer call
+  inside ``cache_context(row key)``: step batching is given up for the transformer (measured in
+  benchmarks/RESULTS.md), the hooks themselves are unchanged.
+
+The family supplies what is model-specific (which inputs carry the batch, the embedders, the
+modulated input of the first block, the rescale polynomial, MagCache ratios): a ``StepCacheAdapter``
+declared in ``pipelines/<family>.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from omni_backend.cache.config import (
+    THRESHOLD_FIELD,
+    FirstBlockCacheSettings,
+    MagCacheSettings,
+    StepCacheConfig,
+    TaylorSeerSettings,
+    TeaCacheConfig,
+)
+from omni_backend.config import ConfigError
+from omni_backend.engine.observer import AccelerationObserver
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One row of a transformer call, as the cache sees it."""
+
+    request_id: str
+    branch: str  # "cond" or "uncond" (true-CFG negative branch): separate state, separate decisions
+    step_index: int  # this request's step, 0-based
+    num_steps: int
+    threshold: float | None  # the request's cache_threshold override, None: the configured one
+
+    @property
+    def key(self) -> str:
+        return f"{self.request_id}/{self.branch}"
+
+    @property
+    def is_last(self) -> bool:
+        return self.step_index == self.num_steps - 1
+
+
+class StepCacheAdapter(Protocol):
+    """What a family tells the caches about its transformer (implemented in pipelines/<family>.py)."""
+
+    row_inputs: tuple[str, ...]  # transformer kwargs that carry one row per CacheRow
+    tea_cache_coefficients: tuple[float, ...]  # rescale polynomial of the relative L1 change, highest power first
+    mag_ratios: tuple[float, ...]  # MagCache magnitude ratios calibrated for the family
+
+    def embed(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states entering the first block, the timestep embedding)."""
+
+    def modulated_input(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The first block's modulated (normalised, shifted, scaled) input: TeaCache's change signal."""
+
+    def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The output head applied to the hidden states leaving the last block."""
+
+    def block_io_modules(self, transformer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(module whose OUTPUT enters the blocks, module whose INPUT leaves them): residual capture."""
+
+    def probe(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """A leaf inside the last block that runs only when diffusers' hooks compute the step."""
+
+
+def select_rows(inputs: dict[str, Any], names: Sequence[str], index: Sequence[int]) -> dict[str, Any]:
+    """The transformer kwargs of a subset of rows."""
+    picked = torch.tensor(list(index), dtype=torch.long)
+    return {
+        k: v.index_select(0, picked.to(v.device)) if k in names and v is not None else v for k, v in inputs.items()
+    }
+
+
+class StepCache(ABC):
+    """A step cache applied to one transformer; ``forward`` replaces the plain transformer call."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, transformer: torch.nn.Module, adapter: StepCacheAdapter, observer: AccelerationObserver):
+        self.transformer = transformer
+        self.adapter = adapter
+        self.observer = observer
+        self.skipped = 0  # rows served without the full transformer, since load
+        self.computed = 0
+
+    @abstractmethod
+    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any]) -> torch.Tensor:
+        """The transformer output (first element of its tuple) for ``rows``, skipping what the cache allows."""
+
+    @abstractmethod
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Forget the state of requests that ended (finished, failed or aborted)."""
+
+    @abstractmethod
+    def live_keys(self) -> set[str]:
+        """Row keys that hold state now (tests check nothing leaks)."""
+
+    def _count(self, skipped: int, computed: int) -> None:
+        self.skipped += skipped
+        self.computed += computed
+        self.observer.on_cache_steps(skipped, computed)
+
+
+@dataclass
+class _TeaRow:
+    previous_modulated: torch.Tensor
+    accumulated: float = 0.0
+    residual: torch.Tensor | None = None  # blocks' output - input at the last computed step
+
+
+class TeaCache(StepCache):
+    """TeaCache (https://arxiv.org/abs/2411.19108): accumulate the rescaled relative L1 change of the first
+    block's modulated input; while it stays under ``rel_l1_thresh`` reuse the row's last block residual.
+    The first and last step of a request always compute."""
+
+    backend = "tea_cache"
+
+    def __init__(self, transformer, adapter, observer, config: TeaCacheConfig):
+        super().__init__(transformer, adapter, observer)
+        self.config = config
+        self.rows: dict[str, _TeaRow] = {}
+        self._poly = adapter.tea_cache_coefficients
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any]) -> torch.Tensor:
+        hidden, temb = self.adapter.embed(self.transformer, inputs)
+        modulated = self.adapter.modulated_input(self.transformer, hidden, temb)
+        compute = [i for i, row in enumerate(rows) if self._decide(row, modulated[i : i + 1])]
+        skip = [i for i in range(len(rows)) if i not in compute]
+        outputs: list[torch.Tensor | None] = [None] * len(rows)
+        if compute:
+            with self._capture_residual() as captured:
+                out = self.transformer(**select_rows(inputs, self.adapter.row_inputs, compute), return_dict=False)[0]
+            for j, i in enumerate(compute):
+                outputs[i] = out[j : j + 1]
+                self.rows[rows[i].key].residual = captured["after"][j : j + 1] - captured["before"][j : j + 1]
+        if skip:
+            index = torch.tensor(skip, device=hidden.device)
+            residual = torch.cat([self.rows[rows[i].key].residual for i in skip])  # type: ignore[misc]
+            head = self.adapter.head(self.transformer, hidden[index] + residual, temb[index])
+            for j, i in enumerate(skip):
+                outputs[i] = head[j : j + 1]
+        for row in rows:
+            if row.is_last:
+                self.rows.pop(row.key, None)
+        self._count(len(skip), len(compute))
+        return torch.cat(outputs)  # type: ignore[arg-type]
+
+    def _decide(self, row: CacheRow, modulated: torch.Tensor) -> bool:
+        """True: compute this row's step. Updates the row's accumulator."""
+        state = self.rows.get(row.key)
+        if row.step_index == 0 or state is None or state.residual is None:
+            self.rows[row.key] = _TeaRow(modulated)  # a request starting: fresh state
+            return True
+        change = ((modulated - state.previous_modulated).abs().mean() / state.previous_modulated.abs().mean()).item()
+        state.previous_modulated = modulated
+        state.accumulated += _polyval(self._poly, change)
+        threshold = self.config.rel_l1_thresh if row.threshold is None else row.threshold
+        if row.is_last or state.accumulated >= threshold:
+            state.accumulated = 0.0
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def _capture_residual(self) -> Iterator[dict[str, torch.Tensor]]:
+        captured: dict[str, torch.Tensor] = {}
+        entry, exit_ = self.adapter.block_io_modules(self.transformer)
+        handles = [
+            entry.register_forward_hook(lambda _m, _a, out: captured.__setitem__("before", out)),
+            exit_.register_forward_pre_hook(lambda _m, args: captured.__setitem__("after", args[0])),
+        ]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        ended = set(request_ids)
+        for key in [k for k in self.rows if k.rsplit("/", 1)[0] in ended]:
+            del self.rows[key]
+
+    def live_keys(self) -> set[str]:
+        return set(self.rows)
+
+
+def _polyval(coefficients: Sequence[float], x: float) -> float:
+    result = 0.0
+    for c in coefficients:
+        result = result * x + c
+    return result
+
+
+class DiffusersStepCache(StepCache):
+    """diffusers' cache hooks, one transformer call per row inside ``cache_context(row key)``."""
+
+    def __init__(self, transformer, adapter, observer, backend: str, config: StepCacheConfig):
+        super().__init__(transformer, adapter, observer)
+        self.backend = backend  # type: ignore[misc]
+        self.settings = config
+        self._diffusers_config = _diffusers_config(config, adapter)
+        transformer.enable_cache(self._diffusers_config)
+        self._hooks = _hooks_with(transformer, _THRESHOLD_ATTRS.get(backend, ""))
+        self._keys: set[str] = set()
+        self._probe_calls = 0
+        adapter.probe(transformer).register_forward_hook(self._probed)
+
+    def _probed(self, *_: object) -> None:
+        self._probe_calls += 1
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any]) -> torch.Tensor:
+        outputs = []
+        computed = 0
+        for i, row in enumerate(rows):
+            if row.step_index == 0:
+                self._forget(row.key)  # a request starting: fresh state
+            self._set_threshold(row)
+            if isinstance(self.settings, MagCacheSettings):
+                self._fit_mag_ratios(row.num_steps)
+            before = self._probe_calls
+            with self.transformer.cache_context(row.key):
+                single = select_rows(inputs, self.adapter.row_inputs, [i])
+                outputs.append(self.transformer(**single, return_dict=False)[0])
+            computed += self._probe_calls > before
+            self._keys.add(row.key)
+            if row.is_last:
+                self._forget(row.key)
+        self._count(len(rows) - computed, computed)
+        return torch.cat(outputs)
+
+    def _set_threshold(self, row: CacheRow) -> None:
+        field_name = THRESHOLD_FIELD.get(self.backend)
+        if field_name is None:
+            return
+        value = getattr(self.settings, field_name) if row.threshold is None else row.threshold
+        if value == 0 and isinstance(self.settings, MagCacheSettings):
+            value = -1.0  # MagCache skips while error <= threshold: at 0 it would still skip error-free steps
+        for hook in self._hooks:
+            target = hook.config if isinstance(self.settings, MagCacheSettings) else hook
+            target.threshold = value
+
+    def _fit_mag_ratios(self, num_steps: int) -> None:
+        """MagCache's ratios are per step of a fixed schedule: stretch them to this request's step count."""
+        from diffusers.hooks.mag_cache import nearest_interp
+
+        config = self._diffusers_config
+        if config.num_inference_steps != num_steps:
+            config.num_inference_steps = num_steps
+            assert isinstance(self.settings, MagCacheSettings)
+            ratios = self.settings.mag_ratios or self.adapter.mag_ratios
+            config.mag_ratios = nearest_interp(torch.tensor(ratios), num_steps)
+
+    def _forget(self, key: str) -> None:
+        """Drop one context's hook state (diffusers' StateManager keeps one per cache_context name)."""
+        from diffusers.hooks.hooks import HookRegistry, StateManager
+
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        for child in (registry, *registry._get_child_registries()):
+            for hook in child.hooks.values():
+                for attr in vars(hook).values():
+                    if isinstance(attr, StateManager):
+                        attr._state_cache.pop(key, None)  # no public per-context reset in diffusers 0.42
+        self._keys.discard(key)
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        ended = set(request_ids)
+        for key in [k for k in self._keys if k.rsplit("/", 1)[0] in ended]:
+            self._forget(key)
+
+    def live_keys(self) -> set[str]:
+        return set(self._keys)
+
+
+# The hook attribute holding the threshold, per backend: FBC's leader hook has .threshold,
+# MagCache's hooks share a config object with .threshold.
+_THRESHOLD_ATTRS = {"first_block_cache": "threshold", "mag_cache": "config"}
+
+
+def _hooks_with(transformer: torch.nn.Module, attribute: str) -> list[Any]:
+    from diffusers.hooks.hooks import HookRegistry
+
+    if not attribute:
+        return []
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    return [
+        hook
+        for child in (registry, *registry._get_child_registries())
+        for hook in child.hooks.values()
+        if hasattr(hook, attribute) and getattr(hook, "_is_stateful", False)
+    ]
+
+
+def _diffusers_config(config: StepCacheConfig, adapter: StepCacheAdapter) -> Any:
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if isinstance(config, FirstBlockCacheSettings):
+        return FirstBlockCacheConfig(threshold=config.threshold)
+    if isinstance(config, MagCacheSettings):
+        ratios = list(config.mag_ratios or adapter.mag_ratios)
+        return MagCacheConfig(
+            threshold=config.threshold,
+            max_skip_steps=config.max_skip_steps,
+            retention_ratio=config.retention_ratio,
+            num_inference_steps=len(ratios),
+            mag_ratios=ratios,
+        )
+    if isinstance(config, TaylorSeerSettings):
+        if config.cache_interval < 1:
+            raise ConfigError("cache_config.cache_interval: must be at least 1")
+        return TaylorSeerCacheConfig(
+            cache_interval=config.cache_interval,
+            disable_cache_before_step=config.disable_cache_before_step,
+            max_order=config.max_order,
+            taylor_factors_dtype=torch.float32,  # exactness at interval 1 and CPU float32 parity
+        )
+    raise TypeError(f"not a diffusers cache config: {config!r}")
+
+
+def apply_step_cache(
+    transformer: torch.nn.Module, adapter: StepCacheAdapter, config: StepCacheConfig, observer: AccelerationObserver
+) -> StepCache:
+    if isinstance(config, TeaCacheConfig):
+        return TeaCache(transformer, adapter, observer, config)
+    backend = next(name for name, field in _BACKEND_OF.items() if isinstance(config, field))
+    return DiffusersStepCache(transformer, adapter, observer, backend, config)
+
+
+_BACKEND_OF: dict[str, type] = {
+    "first_block_cache": FirstBlockCacheSettings,
+    "mag_cache": MagCacheSettings,
+    "taylorseer": TaylorSeerSettings,
+}

@@ -1,0 +1,114 @@
+"""Applies a model's ``AccelerationConfig`` to its loaded pipeline stages, once, at load.
+
+Order matters: offload first (it decides where weights live), then the step cache (its hooks run
+inside the offloaded transformer), compilation (of the blocks, after cache hooks are in place),
+the warm-up, and last the prompt-embedding cache around ``encode`` so that a hit never onloads
+the text encoders. Stage verbs are wrapped on the instance, so the runner, the ensemble stages
+and the engine call the same ``encode`` / ``denoise`` / ``decode`` as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from omni_backend.cache.prompt_cache import PromptEmbedCache
+from omni_backend.cache.step_cache import StepCache, apply_step_cache
+from omni_backend.config import ConfigError, ModelConfig
+from omni_backend.engine.observer import AccelerationObserver
+from omni_backend.offload.offload import ModelOffloader, _nbytes, apply_layerwise_offload
+from omni_backend.pipelines.base import PipelineStages
+
+logger = logging.getLogger(__name__)
+
+# Which stage verb runs which group of modules (PipelineStages.module_groups).
+_STAGE_GROUPS = {"encode": "text_encoder", "denoise": "transformer", "decode": "vae"}
+
+
+@dataclass
+class Acceleration:
+    """What was applied (tests and benchmarks read the counters)."""
+
+    offloader: ModelOffloader | None = None
+    step_cache: StepCache | None = None
+    prompt_cache: PromptEmbedCache | None = None
+
+
+def apply_acceleration(
+    stages: PipelineStages, config: ModelConfig, device: torch.device, observer: AccelerationObserver
+) -> Acceleration:
+    accel = config.acceleration
+    applied = Acceleration()
+    try:
+        if accel.offload != "none":
+            applied.offloader = _apply_offload(stages, accel.offload, accel.offload_window, device, observer)
+        if accel.vae_tiling or accel.vae_slicing:
+            _apply_vae_options(stages, accel.vae_tiling, accel.vae_slicing)
+        wants_transformer = config.step_cache is not None or accel.compile != "none"
+        transformer = stages.module_groups().get("transformer", [None])[0] if wants_transformer else None
+        if config.step_cache is not None and transformer is not None:
+            adapter = stages.step_cache_adapter()
+            applied.step_cache = apply_step_cache(transformer, adapter, config.step_cache, observer)
+            stages.step_cache = applied.step_cache
+        if accel.compile == "regional" and transformer is not None:
+            transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
+            _warm_up(stages, accel.compile_warmup_sizes)
+        if accel.enable_prompt_embed_cache and "text_encoder" in stages.module_groups():
+            cache = PromptEmbedCache(accel.prompt_embed_cache_size, stages.encode_key, observer)
+            inner = stages.encode
+            stages.encode = lambda requests: cache.encode(requests, inner)  # type: ignore[method-assign]
+            applied.prompt_cache = cache
+    except NotImplementedError as exc:  # the family lacks a hook the config asks for
+        raise ConfigError(f"{config.family}: {exc}") from None
+    return applied
+
+
+def _apply_offload(
+    stages: PipelineStages, mode: str, window: int, device: torch.device, observer: AccelerationObserver
+) -> ModelOffloader:
+    groups = stages.module_groups()
+    if mode == "layerwise" and "transformer" in groups:
+        transformer = groups.pop("transformer")[0]
+        apply_layerwise_offload(transformer, device, window)
+        size = _nbytes([transformer])
+        inner_denoise = stages.denoise
+
+        def denoise_layerwise(states):  # every transformer call sweeps all blocks through the window once
+            preds = inner_denoise(states)
+            observer.on_offload_bytes(size)
+            return preds
+
+        stages.denoise = denoise_layerwise  # type: ignore[method-assign]
+    offloader = ModelOffloader(groups, device, observer)
+    for verb, group in _STAGE_GROUPS.items():
+        if group in groups:
+            setattr(stages, verb, offloader.wrap(group, getattr(stages, verb)))
+    return offloader
+
+
+def _apply_vae_options(stages: PipelineStages, tiling: bool, slicing: bool) -> None:
+    for vae in stages.module_groups().get("vae", []):
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+
+
+def _warm_up(stages: PipelineStages, sizes: str) -> None:
+    """Compile at load for the configured shapes, so the first request of each is not slow.
+
+    Each shape runs alone and as a pair: dynamic shapes specialise a dimension of size 1, so batch
+    1 and batch >= 2 are the two graphs a shape needs; larger step batches reuse the second.
+    """
+    defaults = stages.defaults
+    shapes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")] if sizes else []
+    for height, width in shapes or [(defaults.height, defaults.width)]:
+        for batch in (1, 2):
+            pairs = [stages.warmup_request(height, width) for _ in range(batch)]
+            requests = [replace(request, request_id=f"warm-up-{i}") for i, (request, _) in enumerate(pairs)]
+            states = [stages.prepare(r, conditioning) for r, (_, conditioning) in zip(requests, pairs, strict=True)]
+            stages.step(states, stages.denoise(states))
+            stages.release([r.request_id for r in requests])
+        logger.info("compiled and warmed up the transformer for %dx%d", height, width)
