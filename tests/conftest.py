@@ -1,19 +1,21 @@
-"""Shared fixtures: the tiny FLUX checkpoint and the diffusers reference pipeline it is compared with."""
+"""Shared fixtures: tiny checkpoints (one per family) and the diffusers reference pipelines they are compared with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from omni_backend.testing import tiny
 from omni_backend.testing.tiny import build_tiny_flux
 
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model root holding ``tiny-flux``, the name model_repository/ refers to."""
+    """A model root holding ``tiny-flux``, the name model_repository/ refers to; other families are added on use."""
     root = tmp_path_factory.mktemp("models")
     build_tiny_flux(root / "tiny-flux", seed=0)
     return root
@@ -25,11 +27,13 @@ def tiny_flux(model_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flux_reference(tiny_flux: Path):
-    """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from diffusers' own FluxPipeline."""
-    from diffusers import FluxPipeline
+def tiny_qwen_image(model_root: Path) -> Path:
+    return tiny.build("qwen_image", model_root / "tiny-qwen-image", seed=0)
 
-    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+
+def _reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:
+    """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
@@ -38,3 +42,17 @@ def flux_reference(tiny_flux: Path):
         return np.asarray(image)
 
     return render
+
+
+@pytest.fixture(scope="session")
+def flux_reference(tiny_flux: Path):
+    from diffusers import FluxPipeline
+
+    return _reference(FluxPipeline, tiny_flux)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_reference(tiny_qwen_image: Path):
+    from diffusers import QwenImagePipeline
+
+    return _reference(QwenImagePipeline, tiny_qwen_image)
