@@ -41,6 +41,9 @@ class SamplingDefaults:
     guidance_scale: float
     true_cfg_scale: float = 1.0
     size_multiple: int = 16  # height and width must be multiples of this
+    num_frames: int | None = None  # video families: the default frame count (they take `num_frames`); None: images
+    frame_step: int = 1  # num_frames must be frame_step * k + 1 (the VAE's temporal compression)
+    takes_guidance_scale_2: bool = False  # the family takes `guidance_scale_2` (a second expert's CFG scale)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class SamplingParams:
     guidance_scale: float
     true_cfg_scale: float
     seed: int
+    num_frames: int = 1  # 1 for image families
+    guidance_scale_2: float | None = None  # None: the family's own fallback (e.g. guidance_scale)
 
 
 @dataclass(eq=False)  # identity: two requests are never "equal", and tensors don't compare to bools
@@ -190,6 +195,9 @@ def parse_sampling_params(
     guidance = _float_in(inputs, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance)
     true_cfg = _float_in(inputs, "true_cfg_scale", defaults.true_cfg_scale, 0.0, limits.max_guidance)
     seed = parse_int(inputs, "seed", random.randint(0, 2**31 - 1), INT64_MIN, INT64_MAX)
+    guidance_2 = None
+    if defaults.takes_guidance_scale_2 and "guidance_scale_2" in inputs:
+        guidance_2 = _float_in(inputs, "guidance_scale_2", guidance, 0.0, limits.max_guidance)
     return SamplingParams(
         height=height,
         width=width,
@@ -197,7 +205,28 @@ def parse_sampling_params(
         guidance_scale=guidance,
         true_cfg_scale=true_cfg,
         seed=seed,
+        num_frames=_parse_num_frames(inputs, defaults, limits, height * width),
+        guidance_scale_2=guidance_2,
     )
+
+
+def _parse_num_frames(
+    inputs: Mapping[str, np.ndarray], defaults: SamplingDefaults, limits: RequestLimits, pixels: int
+) -> int:
+    """Video families: ``num_frames`` within the limits and a count the VAE can take (step * k + 1)."""
+    if defaults.num_frames is None:
+        return 1
+    step = defaults.frame_step
+    frames = parse_int(inputs, "num_frames", defaults.num_frames, 1, limits.max_frames)
+    if (frames - 1) % step:
+        raise InvalidRequestError(
+            "num_frames", f"{frames} is not {step}k+1 (this model's VAE compresses {step} frames into one latent)"
+        )
+    if frames * pixels > limits.max_video_pixels:
+        raise InvalidRequestError(
+            "num_frames", f"num_frames x height x width = {frames * pixels} exceeds {limits.max_video_pixels}"
+        )
+    return frames
 
 
 def parse_prompt_request(

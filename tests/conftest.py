@@ -31,6 +31,11 @@ def tiny_qwen_image(model_root: Path) -> Path:
     return tiny.build("qwen_image", model_root / "tiny-qwen-image", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_wan22_t2v(model_root: Path) -> Path:
+    return tiny.build("wan22_t2v", model_root / "tiny-wan22-t2v", seed=0)
+
+
 def _reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:
     """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
     pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32)
@@ -56,3 +61,19 @@ def qwen_image_reference(tiny_qwen_image: Path):
     from diffusers import QwenImagePipeline
 
     return _reference(QwenImagePipeline, tiny_qwen_image)
+
+
+@pytest.fixture(scope="session")
+def wan22_t2v_reference(tiny_wan22_t2v: Path):
+    """``render(prompt, seed, **kwargs)`` -> uint8 [frames, H, W, 3] from diffusers' WanPipeline."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_wan22_t2v, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        frames = pipe(prompt, generator=generator, output_type="np", **kwargs).frames[0]
+        return (frames * 255).round().astype(np.uint8)  # what diffusers' export_to_video writes
+
+    return render

@@ -8,7 +8,7 @@ CLI (idempotent; builds atomically into ``DIR.tmp-XXXX`` then renames)::
 
     python -m omni_backend.testing.tiny --family flux --out DIR [--seed N] [--force]
 
-Builders of other families live beside this module (``tiny_qwen.py``, ...).
+Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``).
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def _lazy(target: str) -> Callable[[Path, int], Path]:
 BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "flux": build_tiny_flux,
     "qwen_image": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image"),
+    "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
 }
 
 
