@@ -63,3 +63,23 @@ def test_frame_count_the_vae_cannot_take_is_invalid_arg(client, model):
         client.infer(model, params("a cat", seed=1, num_frames=np.int32(6)), output="video")
     assert status_is_invalid_arg(info.value), info.value.message()
     assert "num_frames" in info.value.message() and "4k+1" in info.value.message()
+
+
+def test_cli_writes_the_video_as_npy_and_mp4(wan_server, tmp_path, wan22_t2v_reference):
+    import av
+
+    from tests.e2e.test_client import cli
+
+    common = ["generate", "--url", wan_server.grpc_url, "--model", "wan22_t2v", "--prompt", "a cat", "--seed", "3"]
+    common += ["--height", "32", "--width", "48", "--num-frames", "5", "--steps", "2", "--guidance-scale-2", "1.5"]
+    done = cli(*common, "--out", str(tmp_path / "v.npy"))
+    assert done.returncode == 0, done.stderr
+    expected = wan22_t2v_reference(
+        "a cat", 3, height=32, width=48, num_frames=5, num_inference_steps=2, guidance_scale_2=1.5
+    )
+    assert_same_image(np.load(tmp_path / "v.npy"), expected)
+    done = cli(*common, "--out", str(tmp_path / "v.mp4"))
+    assert done.returncode == 0, done.stderr
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
