@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q -e ".[test]" -e ./client
 	touch $@
 
+# one tiny checkpoint per family in model_repository/ (the names their config.pbtxt use)
 demo: install
 	$(PY) -m omni_backend.testing.tiny --family flux --out $(OMNI_MODEL_ROOT)/tiny-flux
+	$(PY) -m omni_backend.testing.tiny --family qwen_image --out $(OMNI_MODEL_ROOT)/tiny-qwen-image
+	$(PY) -m omni_backend.testing.tiny --family wan22_t2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-t2v
 
 serve: demo
 	$(PY) -m omni_backend.serve --model-repository model_repository \
@@ -34,4 +37,6 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.overhead --family qwen_image
+	$(PY) -m benchmarks.overhead --family wan22_t2v --size 256 --frames 9
 	$(PY) -m benchmarks.step_batching

@@ -1,11 +1,12 @@
-"""Serving overhead: a gRPC request to `flux` vs the in-process diffusers FluxPipeline call.
+"""Serving overhead: a gRPC request to a family's one-model pipeline vs its in-process diffusers pipeline.
 
-Both run the same tiny FLUX checkpoint with the same prompt, size, steps and seed, on the same
+Both run the same tiny checkpoint with the same prompt, size, steps and seed, on the same
 machine in the same session, alternating call by call so that drift in machine load hits both.
-The ratio of medians is the overhead (target <= 1.05). The served image is also checked against
-the in-process one, so the two sides provably did the same work.
+The ratio of medians is the overhead (target <= 1.05). The served image (or video) is also
+checked against the in-process one, so the two sides provably did the same work.
 
-    python -m benchmarks.overhead [--size 768] [--steps 8] [--repeats 15]
+    python -m benchmarks.overhead [--family flux|qwen_image|wan22_t2v] [--size 768] [--steps 8]
+                                  [--frames 9] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,27 @@ import tritonclient.grpc as grpcclient
 
 from omni_backend.testing.compare import fraction_close
 from omni_backend.testing.server import TritonServerProcess
-from omni_backend.testing.tiny import build_tiny_flux
+from omni_backend.testing.tiny import build
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a blue background"
 
 
-def grpc_inputs(size: int, steps: int, seed: int) -> list[grpcclient.InferInput]:
+@dataclass(frozen=True)
+class Family:
+    pipeline: str  # the diffusers pipeline class
+    checkpoint: str  # the name model_repository/ uses
+    output: str  # "image" or "video"
+
+
+FAMILIES = {
+    "flux": Family("FluxPipeline", "tiny-flux", "image"),
+    "qwen_image": Family("QwenImagePipeline", "tiny-qwen-image", "image"),
+    "wan22_t2v": Family("WanPipeline", "tiny-wan22-t2v", "video"),
+}
+
+
+def grpc_inputs(size: int, steps: int, seed: int, frames: int | None) -> list[grpcclient.InferInput]:
     values = [
         ("prompt", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
         ("height", np.array([[size]], np.int32), "INT32"),
@@ -38,6 +54,8 @@ def grpc_inputs(size: int, steps: int, seed: int) -> list[grpcclient.InferInput]
         ("num_inference_steps", np.array([[steps]], np.int32), "INT32"),
         ("seed", np.array([[seed]], np.int64), "INT64"),
     ]
+    if frames is not None:
+        values.append(("num_frames", np.array([[frames]], np.int32), "INT32"))
     inputs = []
     for name, array, dtype in values:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -48,36 +66,47 @@ def grpc_inputs(size: int, steps: int, seed: int) -> list[grpcclient.InferInput]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="flux")
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=9, help="num_frames of video families")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/overhead[_FAMILY].json")
     args = parser.parse_args()
+    family = FAMILIES[args.family]
+    video = family.output == "video"
+    frames = args.frames if video else None
+    suffix = "" if args.family == "flux" else f"_{args.family}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"overhead{suffix}.json"
 
-    from diffusers import FluxPipeline
+    import diffusers
 
     with tempfile.TemporaryDirectory() as models:
-        checkpoint = build_tiny_flux(Path(models) / "tiny-flux", seed=0)
-        pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+        checkpoint = build(args.family, Path(models) / family.checkpoint, seed=0)
+        pipe = getattr(diffusers, family.pipeline).from_pretrained(checkpoint, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
 
         def in_process(seed: int) -> np.ndarray:
             generator = torch.Generator("cpu").manual_seed(seed)
+            kwargs = {"num_frames": frames, "output_type": "np"} if video else {}
             result = pipe(
-                PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator
+                PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator, **kwargs
             )
+            if video:  # what diffusers' export_to_video writes
+                return (result.frames[0] * 255).round().astype(np.uint8)
             return np.asarray(result.images[0])
 
         server = TritonServerProcess(
             ROOT / "model_repository",
             env_extra={"OMNI_MODEL_ROOT": models},
-            extra_args=["--model-control-mode=explicit", "--load-model=flux"],
+            extra_args=["--model-control-mode=explicit", f"--load-model={args.family}"],
         )
         with server.start(timeout=600):
             client = grpcclient.InferenceServerClient(server.grpc_url)
 
             def served(seed: int) -> np.ndarray:
-                return client.infer("flux", grpc_inputs(args.size, args.steps, seed)).as_numpy("image")[0]
+                inputs = grpc_inputs(args.size, args.steps, seed, frames)
+                return client.infer(args.family, inputs).as_numpy(family.output)[0]
 
             for seed in (0, 1):  # warm-up both sides (allocator, thread pools)
                 in_process(seed), served(seed)
@@ -95,10 +124,11 @@ def main() -> None:
 
     local, remote = statistics.median(local_times), statistics.median(served_times)
     result = {
-        "benchmark": "serving overhead (gRPC flux / in-process FluxPipeline)",
-        "checkpoint": "tiny-flux (omni_backend.testing.tiny, seed 0), float32",
+        "benchmark": f"serving overhead (gRPC {args.family} / in-process {family.pipeline})",
+        "checkpoint": f"{family.checkpoint} (omni_backend.testing.tiny, seed 0), float32",
         "size": args.size,
         "steps": args.steps,
+        **({"frames": frames} if video else {}),
         "repeats": args.repeats,
         "in_process_median_s": round(local, 4),
         "grpc_median_s": round(remote, 4),
@@ -107,8 +137,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
         "torch": torch.__version__,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

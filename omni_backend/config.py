@@ -35,6 +35,8 @@ class RequestLimits:
     max_steps: int = 500  # num_inference_steps
     max_prompt_bytes: int = 8192  # UTF-8 bytes of prompt / negative_prompt
     max_guidance: float = 100.0  # |guidance_scale|, |true_cfg_scale|
+    max_frames: int = 257  # num_frames of video families (Wan2.2 makes 81 at 16 fps, 121 at 24 fps)
+    max_video_pixels: int = 257 * 1280 * 720  # num_frames * height * width
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from omni_backend.pipelines.base import PipelineStages
 # family -> "module:Class"; an unknown family raises instead of guessing
 _FAMILIES: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux:FluxStages",
+    "qwen_image": "omni_backend.pipelines.qwen_image:QwenImageStages",
+    "wan22_t2v": "omni_backend.pipelines.wan:WanT2VStages",
 }
 
 

@@ -42,6 +42,9 @@ class SamplingDefaults:
     guidance_scale: float
     true_cfg_scale: float = 1.0
     size_multiple: int = 16  # height and width must be multiples of this
+    num_frames: int | None = None  # video families: the default frame count (they take `num_frames`); None: images
+    frame_step: int = 1  # num_frames must be frame_step * k + 1 (the VAE's temporal compression)
+    takes_guidance_scale_2: bool = False  # the family takes `guidance_scale_2` (a second expert's CFG scale)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class SamplingParams:
     true_cfg_scale: float
     seed: int
     cache_threshold: float | None = None  # overrides the step cache's configured threshold (None: keep it)
+    num_frames: int = 1  # 1 for image families
+    guidance_scale_2: float | None = None  # None: the family's own fallback (e.g. guidance_scale)
 
 
 @dataclass(eq=False)  # identity: two requests are never "equal", and tensors don't compare to bools
@@ -195,6 +200,9 @@ def parse_sampling_params(
     cache_threshold = None
     if "cache_threshold" in inputs:
         cache_threshold = _float_in(inputs, "cache_threshold", 0.0, 0.0, MAX_CACHE_THRESHOLD)
+    guidance_2 = None
+    if defaults.takes_guidance_scale_2 and "guidance_scale_2" in inputs:
+        guidance_2 = _float_in(inputs, "guidance_scale_2", guidance, 0.0, limits.max_guidance)
     return SamplingParams(
         height=height,
         width=width,
@@ -203,7 +211,28 @@ def parse_sampling_params(
         true_cfg_scale=true_cfg,
         seed=seed,
         cache_threshold=cache_threshold,
+        num_frames=_parse_num_frames(inputs, defaults, limits, height * width),
+        guidance_scale_2=guidance_2,
     )
+
+
+def _parse_num_frames(
+    inputs: Mapping[str, np.ndarray], defaults: SamplingDefaults, limits: RequestLimits, pixels: int
+) -> int:
+    """Video families: ``num_frames`` within the limits and a count the VAE can take (step * k + 1)."""
+    if defaults.num_frames is None:
+        return 1
+    step = defaults.frame_step
+    frames = parse_int(inputs, "num_frames", defaults.num_frames, 1, limits.max_frames)
+    if (frames - 1) % step:
+        raise InvalidRequestError(
+            "num_frames", f"{frames} is not {step}k+1 (this model's VAE compresses {step} frames into one latent)"
+        )
+    if frames * pixels > limits.max_video_pixels:
+        raise InvalidRequestError(
+            "num_frames", f"num_frames x height x width = {frames * pixels} exceeds {limits.max_video_pixels}"
+        )
+    return frames
 
 
 def parse_prompt_request(

@@ -1,19 +1,21 @@
-"""Shared fixtures: the tiny FLUX checkpoint and the diffusers reference pipeline it is compared with."""
+"""Shared fixtures: tiny checkpoints (one per family) and the diffusers reference pipelines they are compared with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from omni_backend.testing import tiny
 from omni_backend.testing.tiny import build_tiny_flux
 
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model root holding ``tiny-flux``, the name model_repository/ refers to."""
+    """A model root holding ``tiny-flux``, the name model_repository/ refers to; other families are added on use."""
     root = tmp_path_factory.mktemp("models")
     build_tiny_flux(root / "tiny-flux", seed=0)
     return root
@@ -25,16 +27,53 @@ def tiny_flux(model_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flux_reference(tiny_flux: Path):
-    """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from diffusers' own FluxPipeline."""
-    from diffusers import FluxPipeline
+def tiny_qwen_image(model_root: Path) -> Path:
+    return tiny.build("qwen_image", model_root / "tiny-qwen-image", seed=0)
 
-    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+
+@pytest.fixture(scope="session")
+def tiny_wan22_t2v(model_root: Path) -> Path:
+    return tiny.build("wan22_t2v", model_root / "tiny-wan22-t2v", seed=0)
+
+
+def _reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:
+    """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
         generator = torch.Generator("cpu").manual_seed(seed)
         image = pipe(prompt, generator=generator, output_type="pil", **kwargs).images[0]
         return np.asarray(image)
+
+    return render
+
+
+@pytest.fixture(scope="session")
+def flux_reference(tiny_flux: Path):
+    from diffusers import FluxPipeline
+
+    return _reference(FluxPipeline, tiny_flux)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_reference(tiny_qwen_image: Path):
+    from diffusers import QwenImagePipeline
+
+    return _reference(QwenImagePipeline, tiny_qwen_image)
+
+
+@pytest.fixture(scope="session")
+def wan22_t2v_reference(tiny_wan22_t2v: Path):
+    """``render(prompt, seed, **kwargs)`` -> uint8 [frames, H, W, 3] from diffusers' WanPipeline."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_wan22_t2v, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        frames = pipe(prompt, generator=generator, output_type="np", **kwargs).frames[0]
+        return (frames * 255).round().astype(np.uint8)  # what diffusers' export_to_video writes
 
     return render

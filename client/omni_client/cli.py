@@ -69,14 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, dest="num_inference_steps", help="number of inference steps")
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--true-cfg-scale", type=float)
+    gen.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance scale (Wan2.2)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--num-frames", type=int, help="number of frames (video models)")
-    gen.add_argument("--input-image", type=Path, help="conditioning image (edit / image-to-video models)")
+    gen.add_argument(
+        "--image", "--input-image", type=Path, dest="input_image", help="input image (edit / image-to-video models)"
+    )
     gen.add_argument(
         "--out",
         type=Path,
         required=True,
-        help="output file, e.g. out.png; for videos .gif/.webp (animated), .npy, or numbered frames",
+        help="output file, e.g. out.png; for videos .mp4 (needs PyAV), .gif/.webp (animated), .npy, or numbered frames",
     )
     gen.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate of animated output")
     stream = gen.add_argument_group("streaming (gRPC only; streaming models such as flux_stream)")
@@ -156,6 +159,9 @@ def _save(result: Image.Image | list[Image.Image] | np.ndarray, out: Path, fps: 
     if suffix == ".npy":
         np.save(out, frames)
         return out, size
+    if suffix == ".mp4":
+        _save_mp4(frames, out, fps)
+        return out, size
     images = [Image.fromarray(frame, "RGB") for frame in frames]
     if suffix in (".gif", ".webp"):
         images[0].save(out, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
@@ -166,6 +172,27 @@ def _save(result: Image.Image | list[Image.Image] | np.ndarray, out: Path, fps: 
     return paths[0], size + f" (as {len(paths)} files)"
 
 
+def _save_mp4(frames: np.ndarray, out: Path, fps: float) -> None:
+    """H.264 MP4 through PyAV (FFmpeg), an optional dependency: ``pip install 'omni-client[video]'``."""
+    try:
+        import av
+    except ImportError:
+        raise InvalidRequestError(
+            "writing .mp4 needs PyAV (pip install av); save as .gif, .webp, .npy or .png frames instead"
+        ) from None
+    from fractions import Fraction
+
+    # H.264 with yuv420p wants even sides: pad by one edge pixel rather than resample
+    height, width = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
+    padded = np.pad(frames, ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0)), mode="edge")
+    with av.open(str(out), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in padded:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Runs ``omni-client generate``."""
     check_stream_args(args)
@@ -173,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in (
             "negative_prompt", "height", "width", "num_inference_steps",
-            "guidance_scale", "true_cfg_scale", "seed", "num_frames",
+            "guidance_scale", "true_cfg_scale", "guidance_scale_2", "seed", "num_frames",
         )
         if getattr(args, key) is not None
     }  # fmt: skip
@@ -182,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             with Image.open(args.input_image) as image:
                 params["input_image"] = image.convert("RGB")
         except OSError as exc:
-            raise InvalidRequestError(f"cannot read --input-image {args.input_image}: {exc}") from None
+            raise InvalidRequestError(f"cannot read --image {args.input_image}: {exc}") from None
     with _connect(args, args.model) as client:
         start = time.perf_counter()
         if args.stream:

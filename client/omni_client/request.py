@@ -28,6 +28,7 @@ INPUT_DATATYPES: dict[str, str] = {
     "num_inference_steps": "INT32",
     "guidance_scale": "FP32",
     "true_cfg_scale": "FP32",
+    "guidance_scale_2": "FP32",
     "seed": "INT64",
     "input_image": "UINT8",
     "num_frames": "INT32",
@@ -41,7 +42,7 @@ _NUMPY_DTYPES: dict[str, Any] = {
     "UINT8": np.uint8,
 }
 _POSITIVE_INTS = ("height", "width", "num_inference_steps", "num_frames")
-_FLOATS = ("guidance_scale", "true_cfg_scale")
+_FLOATS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2")
 
 ImageLike = Image.Image | np.ndarray
 
@@ -58,6 +59,7 @@ class GenerationRequest:
         num_inference_steps: Number of denoising steps.
         guidance_scale: (Distilled) guidance scale.
         true_cfg_scale: True classifier-free guidance scale.
+        guidance_scale_2: Guidance scale of a second (low-noise) expert, e.g. Wan2.2 A14B.
         seed: Random seed (int64).
         input_image: Conditioning image for edit / image-to-video models: a PIL image (converted
             to RGB) or a ``uint8`` array of shape ``[H, W, 3]``.
@@ -71,6 +73,7 @@ class GenerationRequest:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
+    guidance_scale_2: float | None = None
     seed: int | None = None
     input_image: ImageLike | None = None
     num_frames: int | None = None

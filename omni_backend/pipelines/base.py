@@ -61,6 +61,8 @@ class PipelineStages(ABC):
 
     # The family's own config.pbtxt options (a dataclass), or None.
     options_cls: ClassVar[type | None] = None
+    # Name of the decoded output: "image" (uint8 [H, W, 3]) or "video" (uint8 [frames, H, W, 3]); DESIGN section 4.
+    output_name: ClassVar[str] = "image"
     # Set by omni_backend.runner.acceleration when cache_backend is configured; ``denoise`` calls
     # ``step_cache.forward(rows, inputs)`` instead of the transformer (omni_backend/cache/step_cache.py).
     step_cache: Any = None
@@ -143,4 +145,4 @@ class PipelineStages(ABC):
 
     @abstractmethod
     def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """Decode latents of equal shape in one VAE pass; uint8 [H, W, 3] each."""
+        """Decode latents of equal shape in one VAE pass; uint8 [H, W, 3] (video: [frames, H, W, 3]) each."""

@@ -32,7 +32,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class RunnerOutput(enum.Enum):
     """What a finished request leaves as."""
 
-    IMAGE = "image"  # decoded pixels: the one-model pipeline
+    IMAGE = "image"  # decoded pixels (the family's output_name: image or video): the one-model pipeline
     LATENTS = "latents"  # VAE-ready latents: the ensemble's transformer stage
 
 
@@ -178,7 +178,8 @@ class ModelRunner:
         for state, array in zip(done, arrays, strict=True):
             del self.states[state.request.request_id]
             state.timings.decode_s = elapsed
-            output = DiffusionOutput(state.request.request_id, {self.output.value: array}, timings=state.timings)
+            name = self.stages.output_name if self.output is RunnerOutput.IMAGE else self.output.value
+            output = DiffusionOutput(state.request.request_id, {name: array}, timings=state.timings)
             result.finished.append(output)
         self.stages.release([s.request.request_id for s in done])
 

@@ -7,12 +7,15 @@ random but deterministic for a seed; tokenizers are trained locally, so nothing 
 CLI (idempotent; builds atomically into ``DIR.tmp-XXXX`` then renames)::
 
     python -m omni_backend.testing.tiny --family flux --out DIR [--seed N] [--force]
+
+Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -124,15 +127,22 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    with _quiet_progress_bars():
-        pipe.save_pretrained(out, safe_serialization=True)
+    save_pipeline(pipe, out)
     # Name the T5 tokenizer like FLUX.1-dev's model_index.json; in transformers >= 5 this is an alias
     # of T5Tokenizer, in 4.x it is the tokenizer.json-backed class (the slow one would need spiece.model).
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def save_pipeline(pipe, out_dir: str | Path) -> Path:
+    """``save_pretrained`` a diffusers pipeline (safetensors, no progress bars) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _quiet_progress_bars():
+        pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -150,7 +160,21 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-BUILDERS: dict[str, Callable[[Path, int], Path]] = {"flux": build_tiny_flux}
+def _lazy(target: str) -> Callable[[Path, int], Path]:
+    """A builder living in another module, imported when called (each family's imports cost seconds)."""
+
+    def builder(out_dir: Path, seed: int) -> Path:
+        module_name, name = target.split(":")
+        return getattr(importlib.import_module(module_name), name)(out_dir, seed)
+
+    return builder
+
+
+BUILDERS: dict[str, Callable[[Path, int], Path]] = {
+    "flux": build_tiny_flux,
+    "qwen_image": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image"),
+    "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
+}
 
 
 def is_complete(path: str | Path) -> bool:

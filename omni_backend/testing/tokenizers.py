@@ -1,4 +1,4 @@
-"""Tiny CLIP / T5 tokenizers trained locally (no hub access) on a built-in English corpus.
+"""Tiny CLIP / T5 / Qwen2 tokenizers trained locally (no hub access) on a built-in English corpus.
 
 Both use the ``tokenizers`` library (normalizers, pre-tokenizers, BPE / Unigram models) wrapped in
 the transformers classes that ``FluxPipeline`` expects. In transformers >= 5 ``CLIPTokenizer`` and
@@ -18,7 +18,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 
-from transformers import CLIPTokenizer, T5TokenizerFast
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5TokenizerFast
 
 # Short prompt-like sentences about shapes, colors and scenes; deterministic training data.
 CORPUS: tuple[str, ...] = (
@@ -161,3 +161,52 @@ def build_t5_tokenizer(vocab_size: int = 500) -> T5TokenizerFast:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(piece, math.log(freq[piece] / total)) for piece in pieces]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# Qwen2.5-VL's special tokens, in the order of its vocabulary (ids follow the learned merges).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# The chat templates the Qwen-Image pipelines wrap prompts in, so their words are whole tokens as in Qwen's
+# own vocabulary (the pipelines drop a fixed number of template tokens from the encoder output).
+QWEN_TEMPLATE_TEXT = (
+    "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:\nuser\nassistant\n",
+    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image that "
+    "meets the user's requirements while maintaining consistency with the original input where appropriate.",
+)
+
+
+def build_qwen2_tokenizer(vocab_size: int = 1000) -> Qwen2Tokenizer:
+    """Byte-level BPE with Qwen2's pre-tokenizer and chat special tokens (``<|im_start|>`` ...).
+
+    Like Qwen's own vocabulary: 256 byte symbols, the merges, then the special tokens; the
+    pad / eos token is ``<|endoftext|>``. Any unicode text tokenizes without unknown tokens.
+    """
+    template = Qwen2Tokenizer().backend_tokenizer  # Qwen2's NFC normalizer + split regex + byte level
+    words = [
+        tuple(piece)
+        for text in (*CORPUS, *QWEN_TEMPLATE_TEXT)
+        for piece, _ in template.pre_tokenizer.pre_tokenize_str(template.normalizer.normalize_str(text))
+    ]
+    byte_syms = _bytes_to_unicode()
+    merges = [pair for pair, _ in learn_bpe(words, vocab_size - len(byte_syms) - len(QWEN_SPECIAL_TOKENS))]
+    vocab: dict[str, int] = {}
+    for tok in [*byte_syms, *(a + b for a, b in merges)]:
+        vocab.setdefault(tok, len(vocab))
+    first_special = len(vocab)
+    for i, tok in enumerate(QWEN_SPECIAL_TOKENS):
+        vocab[tok] = first_special + i
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=32768,
+        extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+    )

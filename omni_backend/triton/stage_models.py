@@ -47,7 +47,7 @@ class TextEncoderStageModel(OmniModel):
 
 
 class VaeStageModel(OmniModel):
-    """Ensemble stage: ``latents`` in, ``image`` out; latents of one shape decode together."""
+    """Ensemble stage: ``latents`` in, ``image`` (or ``video``) out; latents of one shape decode together."""
 
     components = Component.VAE
 
@@ -65,7 +65,7 @@ class VaeStageModel(OmniModel):
             try:
                 images = self.stages.decode([latents for _, latents in group])
                 for (i, _), image in zip(group, images, strict=True):
-                    responses[i] = tensors.output_response({"image": image})
+                    responses[i] = tensors.output_response({self.stages.output_name: image})
             except Exception as exc:
                 self.log.exception("decoding failed for a batch of %d", len(group))
                 for i, _ in group:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from omni_client.cli import build_parser, main
@@ -60,7 +61,7 @@ def test_cli_invalid_local_args(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "height must be a positive integer" in capsys.readouterr().err
     missing = tmp_path / "missing.png"
     assert main(["generate", "--prompt", "x", "--input-image", str(missing), "--out", str(tmp_path / "o.png")]) == 2
-    assert "cannot read --input-image" in capsys.readouterr().err
+    assert "cannot read --image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -84,3 +85,24 @@ def test_cli_unreachable_server_subprocess(closed_port: int) -> None:
     assert proc.returncode == 1
     assert "omni-client: error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "cannot reach server" in proc.stderr
+
+
+def test_video_saved_as_mp4_gif_npy_and_frames(tmp_path: Path) -> None:
+    import av
+    from PIL import Image
+
+    from omni_client.cli import _save
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, size=(5, 18, 22, 3), dtype=np.uint8)
+    path, size = _save(video, tmp_path / "v.mp4", fps=8.0)
+    assert size == "5 frames 22x18"
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (18, 22, 3)
+    with Image.open(_save(video, tmp_path / "v.gif", fps=8.0)[0]) as gif:
+        assert gif.n_frames == 5 and gif.size == (22, 18)
+    assert np.array_equal(np.load(_save(video, tmp_path / "v.npy", fps=8.0)[0]), video)
+    first, _ = _save(video, tmp_path / "v.png", fps=8.0)
+    assert first.name == "v_0000.png" and np.array_equal(np.asarray(Image.open(first)), video[0])
+    assert len(list(tmp_path.glob("v_*.png"))) == 5

@@ -36,6 +36,7 @@ FULL = GenerationRequest(
     num_inference_steps=4,
     guidance_scale=3.5,
     true_cfg_scale=1.0,
+    guidance_scale_2=2.0,
     seed=2**40,
     input_image=np.zeros((8, 6, 3), dtype=np.uint8),
     num_frames=9,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,36 @@ PROTOCOLS = ("grpc", "http")
 _DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
-@pytest.fixture(scope="session")
-def server(model_root: Path):
-    process = TritonServerProcess(REPOSITORY, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
+FLUX_MODELS = ("flux", "flux_ensemble", "flux_stream", "flux_text_encoder", "flux_transformer", "flux_vae")
+
+
+def repository_of(root: Path, models: tuple[str, ...]) -> Path:
+    """A model repository under ``root`` holding only ``models`` (links to model_repository/'s folders).
+
+    Each family's e2e module serves only its own models, so a new family does not slow every
+    server start, and the repository index (``omni-client health``/``models``) lists only what is loaded.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        (root / name).symlink_to(REPOSITORY / name, target_is_directory=True)
+    return root
+
+
+@contextlib.contextmanager
+def serving(repository: Path, model_root: Path) -> Iterator[TritonServerProcess]:
+    process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
     process.start(timeout=600)
-    yield process
-    process.stop()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def server(model_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The FLUX models on one server, shared by the FLUX e2e modules."""
+    with serving(repository_of(tmp_path_factory.mktemp("flux-repo"), FLUX_MODELS), model_root) as process:
+        yield process
 
 
 def wire(value) -> tuple[np.ndarray, str]:
@@ -52,8 +78,8 @@ class RawClient:
             tensors.append(tensor)
         return tensors
 
-    def infer(self, model: str, values: dict) -> np.ndarray:
-        return self.client.infer(model, self.inputs(values)).as_numpy("image")[0]
+    def infer(self, model: str, values: dict, output: str = "image") -> np.ndarray:
+        return self.client.infer(model, self.inputs(values)).as_numpy(output)[0]
 
     def infer_async(self, model: str, values: dict, callback):
         """Sends without waiting; ``callback(image or None, error or None)``."""

@@ -1,0 +1,51 @@
+"""Helpers several families share: validating tensors that arrive from another ensemble stage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from omni_backend.request import InvalidRequestError
+
+# One dimension of an expected shape: a fixed size, or (name, low, high) for a bounded free size.
+Dim = int | tuple[str, int, int]
+
+
+def tensor_from_array(name: str, array: np.ndarray, shape: tuple[Dim, ...]) -> torch.Tensor:
+    """``array`` as float32 if it has ``shape`` and only finite values, else InvalidRequestError naming ``name``."""
+    array = np.asarray(array)
+    wanted = [d if isinstance(d, int) else d[0] for d in shape]
+    if array.ndim != len(shape):
+        raise InvalidRequestError(name, f"expected shape {wanted}, got {list(array.shape)}")
+    for dim, size in zip(shape, array.shape, strict=True):
+        if isinstance(dim, int):
+            if size != dim:
+                raise InvalidRequestError(name, f"expected shape {wanted}, got {list(array.shape)}")
+        elif not dim[1] <= size <= dim[2]:
+            raise InvalidRequestError(name, f"{dim[0]} = {size} is outside [{dim[1]}, {dim[2]}]")
+    if not np.isfinite(array).all():
+        raise InvalidRequestError(name, "contains NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def embeddings_from_arrays(
+    arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[Dim, ...]], required: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Validate the conditioning tensors named in ``shapes`` that are present; ``required`` ones must be."""
+    cond = {name: tensor_from_array(name, arrays[name], shape) for name, shape in shapes.items() if name in arrays}
+    for name in required:
+        if name not in cond:
+            raise InvalidRequestError(name, "is required")
+    return cond
+
+
+def pad_sequences(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack [L_i, D] sequences into [N, max L, D] zero-padded at the end, with a mask (None if none is padded)."""
+    longest = max(s.shape[0] for s in sequences)
+    if all(s.shape[0] == longest for s in sequences):
+        return torch.stack(sequences), None
+    padded = torch.stack([torch.cat([s, s.new_zeros(longest - s.shape[0], s.shape[1])]) for s in sequences])
+    mask = torch.stack([torch.arange(longest, device=padded.device) < s.shape[0] for s in sequences]).to(torch.long)
+    return padded, mask

@@ -1,0 +1,266 @@
+"""Qwen-Image text-to-image on the stage API, over diffusers' ``QwenImagePipeline`` components.
+
+Each stage reuses the methods ``QwenImagePipeline.__call__`` uses (``encode_prompt``,
+``prepare_latents``, ``_unpack_latents``, ``calculate_shift``, ``retrieve_timesteps``), so a
+served image equals what the pipeline returns for the same checkpoint, seed and parameters.
+
+What differs is batching. Qwen's prompt embeddings have the length of the prompt (the
+Qwen2.5-VL hidden states of its tokens, the chat template dropped), so requests of one image
+size share a transformer call with their text zero-padded to the longest and masked
+(``encoder_hidden_states_mask``; text RoPE positions start after the image's, so padding at the
+end moves no real token). The true-CFG negative branch rides in the same call as extra rows and
+is combined with diffusers' norm-preserving rescale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.pipelines.common import embeddings_from_arrays, pad_sequences, tensor_from_array
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+
+MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline refuses longer max_sequence_length
+
+
+@dataclass(frozen=True)
+class QwenImageOptions:
+    """config.pbtxt parameters specific to Qwen-Image."""
+
+    max_sequence_length: int = 512  # prompt tokens kept after the template; QwenImagePipeline's default
+
+
+@dataclass
+class QwenImageState(DenoiseState):
+    """A Qwen-Image request between steps."""
+
+    conditioning: Conditioning | None = None
+    img_shape: tuple[int, int, int] = (1, 0, 0)  # (frames, latent rows / 2, latent cols / 2) for the RoPE
+    do_true_cfg: bool = False  # negative prompt given and true_cfg_scale > 1, as QwenImagePipeline decides
+
+
+class QwenImageStages(PipelineStages):
+    options_cls = QwenImageOptions
+    pipeline_cls: type = QwenImagePipeline
+
+    def __init__(self, pipe: Any, checkpoint: str, options: QwenImageOptions, device: torch.device):
+        self.pipe = pipe
+        self.options = options
+        self.device = device
+        # Stages that skip the VAE or the transformer still need their shapes: read the configs.
+        vae_config = (
+            pipe.vae.config if pipe.vae is not None else AutoencoderKLQwenImage.load_config(checkpoint, subfolder="vae")
+        )
+        self.vae_scale_factor = 2 ** len(vae_config["temperal_downsample"])
+        self.latent_channels = vae_config["z_dim"]
+        pipe.vae_scale_factor = self.vae_scale_factor
+        transformer_config = (
+            pipe.transformer.config
+            if pipe.transformer is not None
+            else QwenImageTransformer2DModel.load_config(checkpoint, subfolder="transformer")
+        )
+        self.joint_attention_dim = transformer_config["joint_attention_dim"]
+
+    @classmethod
+    def load(
+        cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
+    ) -> QwenImageStages:
+        if not 1 <= options.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ConfigError(
+                f"max_sequence_length: {options.max_sequence_length} is outside [1, {MAX_SEQUENCE_LENGTH}]"
+            )
+        skip: dict[str, None] = {}
+        if Component.TEXT_ENCODER not in components:
+            skip.update(text_encoder=None, tokenizer=None, **cls.extra_text_modules())
+        if Component.TRANSFORMER not in components:
+            skip["transformer"] = None
+        if Component.VAE not in components:
+            skip["vae"] = None
+        pipe = cls.pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, checkpoint, options, device)
+
+    @classmethod
+    def extra_text_modules(cls) -> dict[str, None]:
+        """Modules beyond text_encoder / tokenizer that only the text-encoder stage needs."""
+        return {}
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        size = self.pipe.default_sample_size * self.vae_scale_factor
+        return SamplingDefaults(
+            height=size,
+            width=size,
+            num_inference_steps=50,
+            guidance_scale=1.0,  # used only by guidance-distilled checkpoints (guidance_embeds), as in diffusers
+            true_cfg_scale=4.0,
+            size_multiple=self.vae_scale_factor * 2,  # VAE downsampling x 2x2 latent packing
+        )
+
+    def batch_key(self, request: DiffusionRequest) -> Hashable:
+        return (request.params.height, request.params.width)  # text of any length: padded and masked
+
+    # ------------------------------------------------------------------ 1. encode
+
+    @torch.inference_mode()
+    def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
+        out: list[Conditioning] = [{"prompt_embeds": e} for e in self._encode_texts([r.prompt for r in requests])]
+        cfg_rows = [i for i, r in enumerate(requests) if _wants_true_cfg(r.negative_prompt, r.params.true_cfg_scale)]
+        if cfg_rows:
+            negatives = self._encode_texts([requests[i].negative_prompt for i in cfg_rows])
+            for i, embeds in zip(cfg_rows, negatives, strict=True):
+                out[i]["negative_prompt_embeds"] = embeds
+        return out
+
+    def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
+        """One Qwen2.5-VL pass over many prompts; each keeps only its own tokens (no padding)."""
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=texts, device=self.device, max_sequence_length=self.options.max_sequence_length
+        )
+        lengths = [embeds.shape[1]] * len(texts) if mask is None else mask.sum(dim=1).tolist()
+        return [embeds[i, :n] for i, n in enumerate(lengths)]
+
+    def conditioning_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Conditioning:
+        text = ("sequence length", 1, self.options.max_sequence_length)
+        shapes = {name: (text, self.joint_attention_dim) for name in ("prompt_embeds", "negative_prompt_embeds")}
+        return embeddings_from_arrays(arrays, shapes, required=("prompt_embeds",))
+
+    # ------------------------------------------------------------------ 2. prepare
+
+    @torch.inference_mode()
+    def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> QwenImageState:
+        params = request.params
+        transformer = self.pipe.transformer
+        dtype = transformer.dtype
+        conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
+        # Same draw as QwenImagePipeline(generator=torch.Generator("cpu").manual_seed(seed)).
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        latents = self.pipe.prepare_latents(
+            1, transformer.config.in_channels // 4, params.height, params.width, dtype, self.device, generator
+        )
+        scheduler, timesteps = self._schedule(params.num_inference_steps, latents.shape[1])
+        patch = self.vae_scale_factor * 2
+        return QwenImageState(
+            request=request,
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            conditioning=conditioning,
+            img_shape=(1, params.height // patch, params.width // patch),
+            do_true_cfg=params.true_cfg_scale > 1 and "negative_prompt_embeds" in conditioning,
+        )
+
+    def _schedule(self, steps: int, image_seq_len: int) -> tuple[Any, torch.Tensor]:
+        """A scheduler of the request's own and its timesteps, shifted by the image sequence length."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps
+
+    # ------------------------------------------------------------------ 3. denoise
+
+    @torch.inference_mode()
+    def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        qwen_states: list[QwenImageState] = list(states)  # type: ignore[arg-type]
+        cfg = [s for s in qwen_states if s.do_true_cfg]
+        # Rows: the conditional branch of every request, then the negative branch of the CFG ones.
+        rows = [(s, "") for s in qwen_states] + [(s, "negative_") for s in cfg]
+        noise = self._transformer(rows)
+        n = len(qwen_states)
+        preds = [noise[i : i + 1] for i in range(n)]
+        for j, state in enumerate(cfg):
+            i = qwen_states.index(state)
+            preds[i] = _true_cfg(preds[i], noise[n + j : n + j + 1], state.request.params.true_cfg_scale)
+        return preds
+
+    def _transformer(self, rows: list[tuple[QwenImageState, str]]) -> torch.Tensor:
+        """One transformer call over (state, branch prefix) rows: the state's latents, that branch's text."""
+        latents = torch.cat([s.latents for s, _ in rows])
+        timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(latents.dtype)
+        text, mask = pad_sequences([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.tensor(
+                [s.request.params.guidance_scale for s, _ in rows], device=self.device, dtype=torch.float32
+            )
+        return self.pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=text,
+            img_shapes=[[s.img_shape] for s, _ in rows],
+            return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------ 4. decode
+
+    def predicted_clean_latents(self, state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
+        # flow matching: x_t = (1 - sigma) x0 + sigma noise and the model predicts v = noise - x0
+        sigma = state.scheduler.sigmas[state.step_index]
+        return self._unpack(state, state.latents - sigma * noise_pred)
+
+    def output_latents(self, state: DenoiseState) -> torch.Tensor:
+        return self._unpack(state, state.latents)
+
+    def _unpack(self, state: DenoiseState, packed: torch.Tensor) -> torch.Tensor:
+        params = state.request.params
+        return self.pipe._unpack_latents(packed, params.height, params.width, self.vae_scale_factor)
+
+    def latents_from_array(self, array: np.ndarray | None, limits: RequestLimits) -> torch.Tensor:
+        if array is None:
+            raise InvalidRequestError("latents", "is required")
+        channels = self.latent_channels
+        if array.ndim != 4 or array.shape[:2] != (channels, 1):
+            raise InvalidRequestError("latents", f"expected shape [{channels}, 1, H/8, W/8], got {list(array.shape)}")
+        height, width = (side * self.vae_scale_factor for side in array.shape[2:])
+        if height * width > limits.max_pixels or min(height, width) == 0:
+            raise InvalidRequestError(
+                "latents", f"decodes to {height}x{width}, outside (0, {limits.max_pixels}] pixels"
+            )
+        return tensor_from_array("latents", array, tuple(array.shape))[None]
+
+    @torch.inference_mode()
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        vae = self.pipe.vae
+        batch = torch.cat([x.to(self.device, vae.dtype) for x in latents])
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(batch)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(batch)
+        # QwenImagePipeline divides by 1/std: the same float operations give the same pixels
+        image = vae.decode(batch / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]
+        pixels = self.pipe.image_processor.postprocess(image, output_type="np")
+        # the same rounding as diffusers' numpy_to_pil, so PIL output and ours agree exactly
+        return [(p * 255).round().astype(np.uint8) for p in pixels]
+
+
+def _wants_true_cfg(negative_prompt: str | None, true_cfg_scale: float) -> bool:
+    return negative_prompt is not None and true_cfg_scale > 1
+
+
+def _true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """QwenImagePipeline's true CFG: the guided prediction rescaled to the conditional one's norm."""
+    combined = uncond + scale * (cond - uncond)
+    return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
