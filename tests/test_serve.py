@@ -295,3 +295,44 @@ def test_stop_cleans_up_after_launcher_is_killed(add_one_repo: Path) -> None:
     server.stop(grace=20)
     assert server.returncode == -signal.SIGKILL
     assert not live_group_members(server.server_pid)
+
+
+# ---------------------------------------------------------------- addresses, supervision helpers
+
+
+def test_non_loopback_host_restricts_admin_apis() -> None:
+    assert serve.address_args("127.0.0.1", None, []) == [
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]  # fmt: skip
+    args = serve.address_args("0.0.0.0", "s3cret", [])
+    apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    assert f"--http-restricted-api={apis}:admin-key=s3cret" in args
+    assert f"--grpc-restricted-protocol={apis}:admin-key=s3cret" in args
+    random_key = serve.address_args("10.1.2.3", None, [])
+    assert any(a.startswith("--http-restricted-api=") and "admin-key=" in a for a in random_key)
+    assert random_key != serve.address_args("10.1.2.3", None, [])  # a fresh key nobody knows
+    own = serve.address_args("0.0.0.0", "k", ["--http-restricted-api=inference:x=y", "--grpc-address=::"])
+    assert not any(a.startswith(("--http-restricted-api", "--grpc-address")) for a in own)
+    assert serve.probe_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert serve.probe_url("10.1.2.3", 8000) == "http://10.1.2.3:8000"
+
+
+def test_stub_argv_and_shm_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omni_backend.serving import procs
+
+    region = "triton_python_backend_shm_region_x"
+    argv = ["/be/python/triton_python_backend_stub", "/repo/flux_stream/1/model.py", region,
+            "1048576", "1048576", "42", "/be/python", "336", "flux_stream_0", "DEFAULT", ""]  # fmt: skip
+    assert procs.parse_stub(7, argv) == procs.Stub(7, "flux_stream", "flux_stream_0", region)
+    assert procs.parse_stub(7, ["/usr/bin/python3", "x"]) is None
+    monkeypatch.setattr(procs, "SHM_DIR", tmp_path)
+    (tmp_path / "region_a").write_text("")
+    (tmp_path / "keep").write_text("")
+    assert procs.unlink_shm({"region_a", "gone", "../keep", ""}) == ["region_a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_log_watcher_sees_the_forced_exit() -> None:
+    watcher = serve.LogWatcher()
+    watcher.feed('E1126 01:03:36.276146 12429 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
+                 'Exiting immediately."\n')  # fmt: skip
+    assert watcher.exit_expired
