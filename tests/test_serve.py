@@ -336,3 +336,35 @@ def test_log_watcher_sees_the_forced_exit() -> None:
     watcher.feed('E1126 01:03:36.276146 12429 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
                  'Exiting immediately."\n')  # fmt: skip
     assert watcher.exit_expired
+
+
+@pytest.mark.slow
+def test_public_address_closes_admin_apis_without_the_key(add_one_repo: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    launcher_args = ["--host", "0.0.0.0", "--admin-key", "s3cret"]
+    with TritonServerProcess(add_one_repo, launcher_args=launcher_args) as server:
+
+        def post(path: str, headers: dict[str, str]) -> int:
+            request = urllib.request.Request(f"http://{server.http_url}{path}", b"{}", headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert post("/v2/repository/index", {}) == 403
+        assert post("/v2/repository/models/add_one/unload", {"admin-key": "wrong"}) == 403
+        assert post("/v2/repository/index", {"admin-key": "s3cret"}) == 200
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/add_one/ready", timeout=10) as r:
+            assert r.status == 200  # health and inference stay public
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException, match="admin-key"):
+            grpc.unload_model("add_one")
+        assert grpc.is_model_ready("add_one")
+        grpc.close()
+        assert "s3cret" not in server.log()  # the key is never logged
