@@ -368,3 +368,28 @@ def test_public_address_closes_admin_apis_without_the_key(add_one_repo: Path) ->
         assert grpc.is_model_ready("add_one")
         grpc.close()
         assert "s3cret" not in server.log()  # the key is never logged
+
+
+@pytest.mark.slow
+def test_dead_server_is_restarted_and_a_crash_loop_gives_up(add_one_repo: Path) -> None:
+    from omni_backend.serving.procs import SHM_DIR, stubs_of
+
+    server = TritonServerProcess(add_one_repo, launcher_args=["--max-restarts", "1"]).start()
+    try:
+        first = server.server_pid
+        assert first is not None
+        regions = {s.shm_region for s in stubs_of(first)}
+        os.kill(first, signal.SIGKILL)  # tritonserver itself, as a segfault or the OOM killer would
+        deadline = time.monotonic() + 120
+        while server.server_pid == first or "ready after" not in server.log().rsplit("tritonserver pid", 1)[1]:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
+        second = server.server_pid
+        assert "tritonserver exited unexpectedly (code -9): restarting tritonserver" in server.log()
+        assert not live_group_members(first) and not [r for r in regions if (SHM_DIR / r).exists()]
+        os.kill(second, signal.SIGKILL)  # a second crash within the window: over --max-restarts
+        assert server._proc is not None and server._proc.wait(60) == 1
+        assert "restarts within 600 s, giving up" in server.log()
+        assert not live_group_members(second)
+    finally:
+        server.stop()
