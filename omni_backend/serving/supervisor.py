@@ -51,7 +51,7 @@ def say(msg: str) -> None:
 class SupervisorPolicy:
     """How the launcher waits, restarts and stops (from its command line)."""
 
-    ready_timeout: float = 0.0  # seconds to wait for readiness at the first start; 0: as long as it runs
+    ready_timeout: float = 0.0  # seconds to wait for readiness at each start; 0: as long as it runs
     exit_grace: float = 20.0  # wait for the server to exit by itself after a load failure
     exit_on_error: bool = True  # tritonserver's --exit-on-error: a failed model load ends the launch
     exit_timeout: float = 30.0  # tritonserver's --exit-timeout-secs: the drain deadline derives from it
@@ -97,7 +97,7 @@ class Supervisor:
         first = True
         while True:
             proc = self._launch()
-            failed = self._wait_ready(proc, first)
+            failed = self._wait_ready(proc)
             if failed is not None:
                 return failed
             if self.signals:
@@ -139,7 +139,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start-up
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], first: bool) -> int | None:
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> int | None:
         """None once ready (or a signal arrived); otherwise the launcher's exit code after a failed start."""
         start, warned = time.monotonic(), False
         while not self.signals:
@@ -155,7 +155,7 @@ class Supervisor:
             if http_get_ok(f"{self.probe_url}/v2/health/ready"):
                 say(f"tritonserver ready after {time.monotonic() - start:.1f} s")
                 return None
-            if first and self.policy.ready_timeout and time.monotonic() - start > self.policy.ready_timeout:
+            if self.policy.ready_timeout and time.monotonic() - start > self.policy.ready_timeout:
                 hint = " (failed models keep a --strict-readiness server unready)" if warned else ""
                 return self._fail(proc, f"not ready after {self.policy.ready_timeout:g} s{hint}", 0.1)
             time.sleep(0.25)

@@ -7,7 +7,8 @@ The launcher runs in its own process group with its output in a log file; ``star
 printed the endpoints (the server answered ``/v2/health/ready``) and raises with the log's last lines
 if it exits or times out.  ``stop`` sends SIGTERM (the launcher forwards it to tritonserver), SIGKILLs
 after a grace period, and then makes sure no process of tritonserver's group (the server and its Python
-stubs) is left.  Everything still running at interpreter exit is stopped as well.  Unless ``extra_args``
+stubs) is left, for every tritonserver the launcher started (it restarts one that crashed; ``server_pid``
+is the current one).  Everything still running at interpreter exit is stopped as well.  Unless ``extra_args``
 set it, ``--exit-timeout-secs=10`` is passed: tritonserver waits that long for open client connections.
 """
 
