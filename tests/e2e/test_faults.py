@@ -8,6 +8,7 @@ Bounds here are liveness bounds (an error instead of a hang), far above what the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -85,7 +86,9 @@ def test_oom_in_one_request_fails_it_alone_and_the_batch_is_retried(server, flux
         assert_same_image(image, flux_reference(job["prompt"], int(job["seed"]), height=64, width=64,
                                                 num_inference_steps=3))  # fmt: skip
     assert blocker[1][0][0] == "ok"
-    assert "denoising ran out of device memory for a batch of 4; retrying each request alone" in server.log()
+    # usually all four share the call; a neighbour that arrived a step late may have joined the next one
+    retried = r"denoising ran out of device memory for a batch of [234]; retrying each request alone"
+    assert re.search(retried, server.log())
     # the model keeps serving
     again = values("after the fault", seed=50, steps=2)
     assert_same_image(client.infer("flux", again), flux_reference("after the fault", 50, height=64, width=64,
