@@ -47,6 +47,7 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests beyond which new ones are refused
     scheduling: str = "step"  # "step": join/leave between steps; "request": whole-request batches
     queue_timeout_s: float = 0.0  # fail requests still waiting after this long (0: no limit)
+    max_request_rate: float = 0.0  # requests/s the queue takes, bursts up to max(1, rate) (0: no limit)
     log_stage_timings: bool = False  # log each request's queue/encode/denoise/decode seconds (syncs CUDA)
 
 

@@ -14,23 +14,29 @@ Environment for tritonserver (inherited by the stubs):
     $ORIGIN rpath) and this interpreter's libpython dir (sysconfig LIBDIR): otherwise the stub can mix the
     system libpython with ours and fail on ``import ssl`` (undefined symbol).
 
-Fail fast: tritonserver 2.51 exits when a model fails to load (unless ``--exit-on-error=false``).  We parse
-``failed to load 'M' version V: MSG``, ``Poll failed for model directory 'M': MSG`` (+ the preceding
-``[libprotobuf ERROR ...]`` detail), the model status table and ``error: ...``, and on exit before
-readiness print ``[omni-serve]   model 'M' ... failed to load: MSG`` and exit non-zero.  Server output is
-streamed through unchanged; SIGINT/SIGTERM are forwarded (a second one SIGKILLs the server's group).
+Fail fast: tritonserver 2.51 exits when a model fails to load (unless ``--exit-on-error=false``); the
+launcher then prints ``[omni-serve]   model 'M' ... failed to load: MSG`` (serving/logwatch.py) and exits
+non-zero.  Server output is streamed through unchanged.
+
+Once ready, serving/supervisor.py keeps it serving: a dead stub or server means a restart (Triton 2.51
+would leave requests hanging); SIGINT/SIGTERM drain the models (serving/drain.py), stop the server and
+leave no process and no /dev/shm region behind.
+
+Addresses: every endpoint binds ``--host`` (default 127.0.0.1). On any other address the admin APIs
+(model repository, config, shared memory, statistics, trace, logging) require the ``admin-key`` header
+(``--admin-key`` / ``$OMNI_ADMIN_KEY``; by default a random key nobody knows, so they are closed).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import hashlib
 import importlib.util
-import json
+import ipaddress
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -39,18 +45,22 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
-import urllib.request
-from collections import deque
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from subprocess import DEVNULL, PIPE
-from typing import IO
 
-PREFIX = "[omni-serve]"
-STUB = "triton_python_backend_stub"
+from omni_backend.serving import drain
+from omni_backend.serving.logwatch import PREFIX, LogWatcher
+from omni_backend.serving.procs import STUB
+from omni_backend.serving.supervisor import Supervisor, SupervisorPolicy, say
+
+__all__ = ["PREFIX", "STUB", "LaunchError", "LogWatcher", "main"]
+
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_NOISE = ("CudaDriverHelper has not been initialized",)
+ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "admin-key"
+ADMIN_KEY_ENV = "OMNI_ADMIN_KEY"
 
 
 class LaunchError(RuntimeError):
@@ -170,88 +180,6 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
-_LOG = re.compile(r"^(?:[IWEF]\d{4} [\d:.]+ +\d+ |\S+ [IWEF] \d+ )?[\w./-]+:\d+\] (?P<msg>.*)$")
-_FAILED_LOAD = re.compile(r"failed to load '(?P<model>[^']+)' version (?P<version>\S+): (?P<msg>.*)", re.S)
-_POLL_FAILED = re.compile(r"Poll failed for model directory '(?P<model>[^']+)': (?P<msg>.*)", re.S)
-_PROTOBUF = re.compile(r"^\[libprotobuf ERROR [^\]]*\] (?P<msg>.*)$")
-
-
-class LogWatcher:
-    """Fed tritonserver's output lines; collects model load failures and server errors."""
-
-    def __init__(self) -> None:
-        self.failures: dict[str, str] = {}  # model -> "version V: reason" / reason
-        self.errors: list[str] = []
-        self.tail: deque[str] = deque(maxlen=20)
-        self._protobuf, self._reported = "", 0
-        self._table: list[list[str]] | None = None
-        self._lock = threading.Lock()
-
-    def feed(self, line: str) -> None:
-        with self._lock:
-            self.tail.append(line.rstrip("\r\n"))
-            self._feed(line.rstrip("\r\n"))
-
-    def _feed(self, line: str) -> None:
-        if self._table is not None:  # inside the model status table printed when loading is over
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.startswith("|"):
-                if len(cells) == 3 and (cells[0] or not self._table):
-                    self._table.append(cells)
-                elif len(cells) == 3:  # continuation line of a multi-line status
-                    self._table[-1][2] += "\n" + cells[2]
-                return
-            if line.startswith("+"):
-                return
-            for model, version, status in self._table:
-                if status != "READY":
-                    self.failures.setdefault(model, f"version {version}: {status.strip()}")
-            self._table = None
-        if re.match(r"\|\s*Model\s*\|\s*Version\s*\|\s*Status\s*\|", line):
-            self._table = []
-        elif m := _PROTOBUF.match(line):
-            self._protobuf = f" ({m['msg']})"
-        elif line.startswith("error:"):
-            self.errors.append(line)
-        elif m := _LOG.match(line):
-            msg = m["msg"]  # a JSON string literal in 2.51's default log format
-            with contextlib.suppress(ValueError):
-                msg = str(json.loads(msg)) if msg.startswith('"') else msg
-            if f := _FAILED_LOAD.search(msg):
-                self.failures[f["model"]] = f"version {f['version']}: {f['msg'].strip()}"
-            elif f := _POLL_FAILED.search(msg):
-                self.failures.setdefault(f["model"], f"{f['msg'].strip()}{self._protobuf}")
-                self._protobuf = ""
-            if line[0] in "EF" and not any(n in msg for n in _NOISE):
-                self.errors.append(msg)
-
-    def report(self, only_new: bool = False) -> list[str]:
-        """Reason lines: failing models (+ the server's final ``error:``), else errors, else the log tail.
-
-        ``only_new``: just the failed models not reported by an earlier ``only_new`` call."""
-        with self._lock:
-            out = [f"model '{name}' failed to load, {why}" for name, why in self.failures.items()]
-            if only_new:
-                out, self._reported = out[self._reported :], len(out)
-            else:
-                errors = [e for e in self.errors if e.startswith("error:")] if out else self.errors
-                out += [f"server: {e}" for e in errors[-5:]]
-                out = out or ["last output:", *self.tail]
-        return [f"{PREFIX}   {piece}" for line in out for piece in line.splitlines() if piece.strip()]
-
-
-def _pump(src: IO[bytes], dst: IO[str], watcher: LogWatcher) -> None:
-    for raw in iter(src.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        watcher.feed(line)
-        try:
-            dst.write(line)
-            dst.flush()
-        except (OSError, ValueError):
-            pass  # our output went away: keep draining so the server never blocks on a full pipe
-    src.close()
-
-
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
@@ -262,14 +190,6 @@ def _preexec_child() -> None:
     os.setpgid(0, 0)  # own group: we forward signals ourselves; the stubs share this group
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: launcher SIGKILLed -> server shuts down too
-
-
-def is_ready(http_port: int, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=timeout) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def _check_port_free(port: int) -> None:
@@ -287,47 +207,58 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     head = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
         prog="python -m omni_backend.serve",
-        description="Launch tritonserver on a model repository; fail fast if a model does not load.",
+        description="Launch tritonserver on a model repository; fail fast if a model does not load; "
+        "restart it if a model's stub process dies; drain and clean up on SIGTERM.",
         epilog="Unknown options and everything after '--' are passed to tritonserver.",
         allow_abbrev=False,
     )
     p.add_argument("--model-repository", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address HTTP, gRPC and metrics bind to (default loopback)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    key_help = f"'{ADMIN_HEADER}' header value admin APIs need off loopback (default ${ADMIN_KEY_ENV}, else random)"
+    p.add_argument("--admin-key", default=os.environ.get(ADMIN_KEY_ENV), help=key_help)
     p.add_argument("--tritonserver", help="tritonserver binary (default: nvidia-pytriton's, else PATH)")
     p.add_argument("--backend-dir", type=Path, help="where to assemble the Python backend directory")
     p.add_argument("--ready-timeout", type=float, default=0.0, help="seconds; 0 = wait as long as it runs")
     p.add_argument("--exit-grace", type=float, default=20.0, help="wait for exit after a load failure")
+    p.add_argument("--max-restarts", type=int, default=5, help="crash recoveries allowed per --restart-window")
+    p.add_argument("--restart-window", type=float, default=600.0, help="seconds")
     opts, unknown = p.parse_known_args(head)
     return opts, unknown + tail
 
 
-def _say(msg: str) -> None:
-    print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
-def _fail(proc: subprocess.Popen[bytes], watcher: LogWatcher, why: str, grace: float) -> int:
-    """Let the server finish (or stop it), then print why it failed; returns our exit code."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig == signal.SIGTERM and proc.poll() is None:
-            proc.terminate()  # tritonserver stops its stubs itself
-        elif sig == signal.SIGKILL and proc.poll() is None:
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace if sig is None else 10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    time.sleep(0.2)  # let the pump threads pass on the last lines
-    _say(f"ERROR: {why} (tritonserver exit code {proc.returncode})")
-    print("\n".join(watcher.report()), file=sys.stderr, flush=True)
-    return proc.returncode if proc.returncode and proc.returncode > 0 else 1
+def address_args(host: str, admin_key: str | None, passthrough: Sequence[str]) -> list[str]:
+    """Bind every endpoint to ``host``; off loopback, admin APIs need the ``admin-key`` header."""
+    kinds = [kind for kind in ("http", "grpc", "metrics") if flag_value(passthrough, f"--{kind}-address") is None]
+    args = [f"--{kind}-address={host}" for kind in kinds]
+    if is_loopback(host):
+        return args
+    key = admin_key or secrets.token_urlsafe(24)  # nobody knows it: admin endpoints are simply closed
+    apis = ",".join(ADMIN_APIS)
+    if flag_value(passthrough, "--http-restricted-api") is None:
+        args.append(f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}")
+    if flag_value(passthrough, "--grpc-restricted-protocol") is None:
+        args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
+    return args
+
+
+def probe_url(host: str, http_port: int) -> str:
+    """Where the launcher itself reaches the HTTP endpoint (health and readiness only)."""
+    if host in ("0.0.0.0", "::", "") or is_loopback(host):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{http_port}" if ":" in host else f"http://{host}:{http_port}"
 
 
 def _start(opts: argparse.Namespace, passthrough: list[str]) -> subprocess.Popen[bytes]:
-    if not opts.model_repository.is_dir():
-        raise LaunchError(f"model repository {opts.model_repository} is not a directory")
     binary = find_tritonserver(opts.tritonserver)
     bundled, backend_dir = is_bundled(binary), None
     if flag_value(passthrough, "--backend-directory") is None and (bundled or opts.backend_dir):
@@ -335,62 +266,48 @@ def _start(opts: argparse.Namespace, passthrough: list[str]) -> subprocess.Popen
     for port in opts.ports:
         _check_port_free(port)
     repo = opts.model_repository.resolve()
-    cmd = build_command(binary, repo, opts.ports, backend_dir, passthrough)
+    extra = address_args(opts.host, opts.admin_key, passthrough) + passthrough
+    cmd = build_command(binary, repo, opts.ports, backend_dir, extra)
     env = server_env(wheel_libs=bundled or backend_dir is not None)
+    env[drain.ENV] = opts.drain_file
     proc = subprocess.Popen(cmd, env=env, stdin=DEVNULL, stdout=PIPE, stderr=PIPE, preexec_fn=_preexec_child)
-    _say(f"tritonserver pid {proc.pid}: {' '.join(cmd)}")
+    shown = [re.sub(r"(restricted-\w+=.*:[\w-]+=).*", r"\1***", arg) for arg in cmd]  # never log the key
+    say(f"tritonserver pid {proc.pid}: {' '.join(shown)}")
     return proc
 
 
 def run(argv: Sequence[str]) -> int:
     opts, passthrough = parse_args(argv)
+    if not opts.model_repository.is_dir():
+        raise LaunchError(f"model repository {opts.model_repository} is not a directory")
     opts.ports = (opts.http_port, opts.grpc_port, opts.metrics_port)
-    proc = _start(opts, passthrough)
-    watcher, signals = LogWatcher(), list[float]()
-    pipes = ((proc.stdout, sys.stdout, watcher), (proc.stderr, sys.stderr, watcher))
-    pumps = [threading.Thread(target=_pump, args=args, daemon=True) for args in pipes]
-    for t in pumps:
-        t.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        signals.append(time.monotonic())
-        if proc.poll() is None:  # 1st signal: graceful stop; another one >1 s later: kill server + stubs
-            os.killpg(proc.pid, signal.SIGKILL) if signals[-1] - signals[0] > 1 else proc.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    exit_on_error = (flag_value(passthrough, "--exit-on-error") or "1").lower() not in ("false", "0", "no")
-    start, warned = time.monotonic(), False
-    while not signals:
-        if proc.poll() is not None:
-            return _fail(proc, watcher, "tritonserver exited before becoming ready", 0)
-        if watcher.failures and exit_on_error:
-            return _fail(proc, watcher, "a model failed to load", opts.exit_grace)
-        if new := watcher.report(only_new=True):
-            warned = True
-            _say("WARNING: model failed to load (--exit-on-error=false: the server keeps running)")
-            print("\n".join(new), file=sys.stderr, flush=True)
-        if is_ready(opts.http_port):
-            _say(f"tritonserver ready after {time.monotonic() - start:.1f} s")
-            http, grpc, metrics = opts.ports
-            print(f"HTTP  http://127.0.0.1:{http}\ngRPC  127.0.0.1:{grpc}", flush=True)
-            print(f"metrics  http://127.0.0.1:{metrics}/metrics", flush=True)
-            break
-        if opts.ready_timeout and time.monotonic() - start > opts.ready_timeout:
-            hint = " (failed models keep a --strict-readiness server unready)" if warned else ""
-            return _fail(proc, watcher, f"not ready after {opts.ready_timeout:g} s{hint}", 0.1)
-        time.sleep(0.25)
-    rc = proc.wait()
-    for t in pumps:
-        t.join(5)
-    return rc if rc >= 0 else 128 - rc
+    find_tritonserver(opts.tritonserver)  # fail before anything starts
+    exit_timeout = float(flag_value(passthrough, "--exit-timeout-secs") or 30)
+    policy = SupervisorPolicy(
+        ready_timeout=opts.ready_timeout,
+        exit_grace=opts.exit_grace,
+        exit_on_error=(flag_value(passthrough, "--exit-on-error") or "1").lower() not in ("false", "0", "no"),
+        exit_timeout=exit_timeout,
+        max_restarts=opts.max_restarts,
+        restart_window_s=opts.restart_window,
+    )
+    shown = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+    http, grpc, metrics = opts.ports
+    announce = [f"HTTP  http://{shown}:{http}", f"gRPC  {shown}:{grpc}", f"metrics  http://{shown}:{metrics}/metrics"]
+    if not is_loopback(opts.host):
+        say(f"binding {opts.host}: admin APIs ({', '.join(ADMIN_APIS)}) need the '{ADMIN_HEADER}' header")
+    with tempfile.TemporaryDirectory(prefix="omni-serve-") as tmp:
+        opts.drain_file = os.path.join(tmp, "drain.json")
+        supervisor = Supervisor(partial(_start, opts, passthrough), probe_url(opts.host, http), policy,
+                                opts.drain_file, announce)  # fmt: skip
+        return supervisor.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except LaunchError as e:
-        _say(f"ERROR: {e}")
+        say(f"ERROR: {e}")
         return 2
 
 

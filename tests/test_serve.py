@@ -295,3 +295,101 @@ def test_stop_cleans_up_after_launcher_is_killed(add_one_repo: Path) -> None:
     server.stop(grace=20)
     assert server.returncode == -signal.SIGKILL
     assert not live_group_members(server.server_pid)
+
+
+# ---------------------------------------------------------------- addresses, supervision helpers
+
+
+def test_non_loopback_host_restricts_admin_apis() -> None:
+    assert serve.address_args("127.0.0.1", None, []) == [
+        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]  # fmt: skip
+    args = serve.address_args("0.0.0.0", "s3cret", [])
+    apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    assert f"--http-restricted-api={apis}:admin-key=s3cret" in args
+    assert f"--grpc-restricted-protocol={apis}:admin-key=s3cret" in args
+    random_key = serve.address_args("10.1.2.3", None, [])
+    assert any(a.startswith("--http-restricted-api=") and "admin-key=" in a for a in random_key)
+    assert random_key != serve.address_args("10.1.2.3", None, [])  # a fresh key nobody knows
+    own = serve.address_args("0.0.0.0", "k", ["--http-restricted-api=inference:x=y", "--grpc-address=::"])
+    assert not any(a.startswith(("--http-restricted-api", "--grpc-address")) for a in own)
+    assert serve.probe_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert serve.probe_url("10.1.2.3", 8000) == "http://10.1.2.3:8000"
+
+
+def test_stub_argv_and_shm_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omni_backend.serving import procs
+
+    region = "triton_python_backend_shm_region_x"
+    argv = ["/be/python/triton_python_backend_stub", "/repo/flux_stream/1/model.py", region,
+            "1048576", "1048576", "42", "/be/python", "336", "flux_stream_0", "DEFAULT", ""]  # fmt: skip
+    assert procs.parse_stub(7, argv) == procs.Stub(7, "flux_stream", "flux_stream_0", region)
+    assert procs.parse_stub(7, ["/usr/bin/python3", "x"]) is None
+    monkeypatch.setattr(procs, "SHM_DIR", tmp_path)
+    (tmp_path / "region_a").write_text("")
+    (tmp_path / "keep").write_text("")
+    assert procs.unlink_shm({"region_a", "gone", "../keep", ""}) == ["region_a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_log_watcher_sees_the_forced_exit() -> None:
+    watcher = serve.LogWatcher()
+    watcher.feed('E1126 01:03:36.276146 12429 main.cc:535] "failed to stop server: Internal - Exit timeout expired. '
+                 'Exiting immediately."\n')  # fmt: skip
+    assert watcher.exit_expired
+
+
+@pytest.mark.slow
+def test_public_address_closes_admin_apis_without_the_key(add_one_repo: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    launcher_args = ["--host", "0.0.0.0", "--admin-key", "s3cret"]
+    with TritonServerProcess(add_one_repo, launcher_args=launcher_args) as server:
+
+        def post(path: str, headers: dict[str, str]) -> int:
+            request = urllib.request.Request(f"http://{server.http_url}{path}", b"{}", headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert post("/v2/repository/index", {}) == 403
+        assert post("/v2/repository/models/add_one/unload", {"admin-key": "wrong"}) == 403
+        assert post("/v2/repository/index", {"admin-key": "s3cret"}) == 200
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/add_one/ready", timeout=10) as r:
+            assert r.status == 200  # health and inference stay public
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException, match="admin-key"):
+            grpc.unload_model("add_one")
+        assert grpc.is_model_ready("add_one")
+        grpc.close()
+        assert "s3cret" not in server.log()  # the key is never logged
+
+
+@pytest.mark.slow
+def test_dead_server_is_restarted_and_a_crash_loop_gives_up(add_one_repo: Path) -> None:
+    from omni_backend.serving.procs import SHM_DIR, stubs_of
+
+    server = TritonServerProcess(add_one_repo, launcher_args=["--max-restarts", "1"]).start()
+    try:
+        first = server.server_pid
+        assert first is not None
+        regions = {s.shm_region for s in stubs_of(first)}
+        os.kill(first, signal.SIGKILL)  # tritonserver itself, as a segfault or the OOM killer would
+        deadline = time.monotonic() + 120
+        while server.server_pid == first or "ready after" not in server.log().rsplit("tritonserver pid", 1)[1]:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
+        second = server.server_pid
+        assert "tritonserver exited unexpectedly (code -9): restarting tritonserver" in server.log()
+        assert not live_group_members(first) and not [r for r in regions if (SHM_DIR / r).exists()]
+        os.kill(second, signal.SIGKILL)  # a second crash within the window: over --max-restarts
+        assert server._proc is not None and server._proc.wait(60) == 1
+        assert "restarts within 600 s, giving up" in server.log()
+        assert not live_group_members(second)
+    finally:
+        server.stop()

@@ -3,7 +3,9 @@
 Callers ``submit`` a validated request with callbacks and return at once (Triton's deferred
 responses); the callbacks run on the engine thread. Between steps the engine drops requests
 whose client cancelled or whose queue deadline passed, so nobody's slot burns compute for a
-client that is gone.
+client that is gone. When the launcher asks to drain (serving/drain.py) the engine refuses new
+requests, fails the queued ones at once and the running ones at the drain deadline, so that every
+client is answered before Triton's exit timeout.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 
 from omni_backend.config import EngineConfig
 from omni_backend.engine.observer import EngineObserver
-from omni_backend.engine.scheduler import SCHEDULERS, StepPlan, StepProgress, StepResult
+from omni_backend.engine.scheduler import SCHEDULERS, QueueFullError, StepPlan, StepProgress, StepResult
 from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind
 from omni_backend.runner.model_runner import ModelRunner
+from omni_backend.serving.drain import POLL_S, DrainSignal
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,10 @@ WAITING_POLL_S = 0.05  # how often queued (not running) requests are checked for
 
 OutputCallback = Callable[[DiffusionOutput], None]
 ProgressCallback = Callable[[StepProgress], None]
+
+
+class ShuttingDownError(QueueFullError):
+    """Refused because the server is shutting down: like a full queue, the client should go elsewhere."""
 
 
 @dataclass
@@ -40,8 +47,16 @@ class _Client:
 
 
 class DiffusionEngine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig, observer: EngineObserver | None = None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        drain: DrainSignal | None = None,
+    ):
         self.runner = runner
+        self.drain = drain or DrainSignal(None)
+        self._draining = False
         self.config = config
         self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key)
         self.observer = observer or EngineObserver()
@@ -61,8 +76,8 @@ class DiffusionEngine:
     ) -> None:
         """Queue a request; raises QueueFullError (nothing queued) when the queue is full."""
         with self._wakeup:
-            if self._stopping:
-                raise RuntimeError("the model is shutting down")
+            if self._stopping or self._draining:
+                raise ShuttingDownError("the server is shutting down; retry on another instance")
             self.scheduler.add(request)
             self._clients[request.request_id] = _Client(request, on_output, on_progress, is_cancelled)
             self._wakeup.notify()
@@ -70,12 +85,14 @@ class DiffusionEngine:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        poll = POLL_S if self.drain.path is not None else None  # wake up to look at the drain file
         while True:
             with self._wakeup:
-                self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work())
+                self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work(), timeout=poll)
                 if self._stopping:
                     return
             try:
+                self._check_drain()
                 self._iterate()
             except Exception as exc:  # an engine bug must fail what it holds, never leave clients hanging
                 logger.exception("engine iteration failed; failing every request it holds")
@@ -138,6 +155,10 @@ class DiffusionEngine:
                 waited = now - request.arrival_time
                 message = f"timed out after waiting {waited:.1f} s in the queue (queue_timeout_s)"
                 dropped.append(DiffusionOutput(request.request_id, error=message, error_kind=ErrorKind.UNAVAILABLE))
+        self._drop(dropped)
+
+    def _drop(self, dropped: list[DiffusionOutput]) -> None:
+        """Take these requests out of the engine and answer them with their error."""
         if not dropped:
             return
         with self._wakeup:
@@ -149,6 +170,21 @@ class DiffusionEngine:
         for client, output in pairs:
             logger.info("request %s dropped: %s", output.request_id, output.error)
             self._deliver(client, output)
+
+    def _check_drain(self) -> None:
+        """Shutdown asked: refuse new requests and fail the queued ones now, the running ones at the deadline."""
+        deadline = self.drain.deadline()
+        if deadline is None:
+            return
+        if not self._draining:
+            with self._wakeup:
+                self._draining = True
+                waiting = [r.request_id for r in self.scheduler.waiting]
+            logger.warning("draining: failing %d queued requests; running ones have until the deadline", len(waiting))
+            message = "the server is shutting down; this request had not started"
+            self._drop([DiffusionOutput(i, error=message, error_kind=ErrorKind.UNAVAILABLE) for i in waiting])
+        if time.monotonic() >= deadline:
+            self._fail_all("the server shut down before this request finished", ErrorKind.UNAVAILABLE)
 
     def _report_progress(self, progress: list[StepProgress]) -> None:
         for update in progress:

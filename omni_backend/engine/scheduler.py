@@ -17,6 +17,7 @@ measured against (benchmarks/) and for deployments that want it (``scheduling: r
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,27 @@ from omni_backend.request import DiffusionOutput, DiffusionRequest
 
 
 class QueueFullError(RuntimeError):
-    """The engine already holds ``max_queue_size`` waiting requests."""
+    """The engine already holds ``max_queue_size`` waiting requests, or requests come faster than allowed."""
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` requests per second on average, bursts of up to ``max(1, rate)``."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.clock = clock
+        self.tokens = self.capacity
+        self.updated = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass
@@ -62,6 +83,7 @@ class StepScheduler:
         self.waiting: deque[DiffusionRequest] = deque()  # FIFO by arrival
         self.running: dict[Hashable, dict[str, DiffusionRequest]] = {}  # key -> requests, in turn order
         self.joining: dict[Hashable, list[DiffusionRequest]] = {}  # admitted, not yet prepared by the runner
+        self.rate = RateLimiter(config.max_request_rate) if config.max_request_rate > 0 else None
 
     @property
     def num_running(self) -> int:
@@ -70,6 +92,8 @@ class StepScheduler:
     def add(self, request: DiffusionRequest) -> None:
         if len(self.waiting) >= self.config.max_queue_size:
             raise QueueFullError(f"the queue is full ({self.config.max_queue_size} requests waiting); retry later")
+        if self.rate is not None and not self.rate.allow():
+            raise QueueFullError(f"over the rate limit of {self.config.max_request_rate:g} requests/s; retry later")
         self.waiting.append(request)
 
     def has_work(self) -> bool:

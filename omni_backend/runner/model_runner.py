@@ -2,7 +2,8 @@
 
 The same ``execute`` serves the one-model pipeline (finished requests are decoded to ``image``)
 and the ensemble's transformer stage (finished requests hand back ``latents`` for the VAE stage).
-A fault inside a step fails the requests of that step, never the engine.
+A fault inside a step fails the requests of that step, never the engine; a batch that runs out of
+device memory is retried one request at a time (runner/oom.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
 from omni_backend.runner.acceleration import Acceleration, apply_acceleration
+from omni_backend.runner.oom import Failed, free_device_memory, is_oom, oom_message, run_batched
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class ModelRunner:
         self.states: dict[str, DenoiseState] = {}
         # CUDA runs asynchronously: stage timings are only true if each stage waits for the device
         self._synchronize = synchronize and torch.cuda.is_available()
+        # after an OOM, free the cache once the exception (whose traceback holds the tensors) is gone
+        self._free_memory = False
 
     def _clock(self) -> float:
         if self._synchronize:
@@ -98,6 +102,9 @@ class ModelRunner:
         return time.perf_counter()
 
     def execute(self, plan: StepPlan) -> StepResult:
+        if self._free_memory:
+            self._free_memory = False
+            free_device_memory()
         result = StepResult()
         failed = self._admit(plan.admitted, result)
         running = [self.states[i] for i in plan.running_ids if i not in failed]
@@ -105,12 +112,23 @@ class ModelRunner:
             return result
         started = self._clock()
         try:
-            noise_preds = self.stages.denoise(running)
+            noise_preds = run_batched(self.stages.denoise, running, "denoising")
+        except Exception as exc:  # a fault in the shared call fails every request in it
+            self._fail(running, "denoising step", exc, result)
+            return result
+        for state, pred in zip(running, noise_preds, strict=True):
+            if isinstance(pred, Failed):
+                self._fail_one(state.request.request_id, pred.message, result)
+        kept = [(s, p) for s, p in zip(running, noise_preds, strict=True) if not isinstance(p, Failed)]
+        running, noise_preds = [s for s, _ in kept], [p for _, p in kept]
+        if not running:
+            return result
+        try:
             # previews come from the clean latents predicted at this step, before the update
             due = [(s, p) for s, p in zip(running, noise_preds, strict=True) if _preview_due(s)]
             clean = [self.stages.predicted_clean_latents(s, p) for s, p in due]
             self.stages.step(running, noise_preds)
-        except Exception as exc:  # a fault in the shared call fails every request in it
+        except Exception as exc:
             self._fail(running, "denoising step", exc, result)
             return result
         elapsed = self._clock() - started
@@ -146,29 +164,36 @@ class ModelRunner:
         started = self._clock()
         try:
             to_encode = [r for r in requests if r.conditioning is None]
-            encoded = iter(self.stages.encode(to_encode) if to_encode else [])
+            encoded = iter(run_batched(self.stages.encode, to_encode, "text encoding") if to_encode else [])
             for request in requests:
                 conditioning = request.conditioning if request.conditioning is not None else next(encoded)
-                self.states[request.request_id] = self.stages.prepare(request, conditioning)
+                if isinstance(conditioning, Failed):
+                    self._fail_one(request.request_id, conditioning.message, result)
+                else:
+                    self.states[request.request_id] = self.stages.prepare(request, conditioning)
         except Exception as exc:  # one batched encode: its fault fails every joiner
-            ids = [r.request_id for r in requests]
+            answered = {o.request_id for o in result.finished}
+            ids = [r.request_id for r in requests if r.request_id not in answered]
             logger.exception("requests %s failed while encoding", ", ".join(ids))
+            message = oom_message("text encoding", exc) if is_oom(exc) else f"encoding failed: {exc}"
+            self._free_memory |= is_oom(exc)
             for request_id in ids:
                 self.states.pop(request_id, None)
-                result.finished.append(DiffusionOutput(request_id, error=f"encoding failed: {exc}"))
+                result.finished.append(DiffusionOutput(request_id, error=message))
             self.stages.release(ids)
-            return set(ids)
+            return {r.request_id for r in requests}
         elapsed = self._clock() - started
         for request in requests:
-            self.states[request.request_id].timings.encode_s = elapsed
-        return set()
+            if request.request_id in self.states:
+                self.states[request.request_id].timings.encode_s = elapsed
+        return {r.request_id for r in requests if r.request_id not in self.states}
 
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
         started = self._clock()
         try:
             latents = [self.stages.output_latents(s) for s in done]
             if self.output is RunnerOutput.IMAGE:
-                arrays = self.stages.decode(latents)
+                arrays = run_batched(self.stages.decode, latents, "decoding")
             else:
                 arrays = [x[0].float().cpu().numpy() for x in latents]
         except Exception as exc:
@@ -176,6 +201,9 @@ class ModelRunner:
             return
         elapsed = self._clock() - started
         for state, array in zip(done, arrays, strict=True):
+            if isinstance(array, Failed):
+                self._fail_one(state.request.request_id, array.message, result)
+                continue
             del self.states[state.request.request_id]
             state.timings.decode_s = elapsed
             name = self.stages.output_name if self.output is RunnerOutput.IMAGE else self.output.value
@@ -184,12 +212,16 @@ class ModelRunner:
         self.stages.release([s.request.request_id for s in done])
 
     def _fail(self, states: list[DenoiseState], where: str, exc: Exception, result: StepResult) -> None:
+        message = oom_message(where, exc) if is_oom(exc) else f"{where} failed: {exc}"
         for state in states:
-            request_id = state.request.request_id
-            logger.error("request %s failed during %s: %r", request_id, where, exc)
-            self.states.pop(request_id, None)
-            result.finished.append(DiffusionOutput(request_id, error=f"{where} failed: {exc}"))
-        self.stages.release([s.request.request_id for s in states])
+            self._fail_one(state.request.request_id, message, result)
+        self._free_memory |= is_oom(exc)
+
+    def _fail_one(self, request_id: str, message: str, result: StepResult) -> None:
+        logger.error("request %s failed: %s", request_id, message)
+        self.states.pop(request_id, None)
+        self.stages.release([request_id])
+        result.finished.append(DiffusionOutput(request_id, error=message))
 
     def abort(self, request_ids: Sequence[str]) -> None:
         for request_id in request_ids:

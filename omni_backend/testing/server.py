@@ -7,7 +7,8 @@ The launcher runs in its own process group with its output in a log file; ``star
 printed the endpoints (the server answered ``/v2/health/ready``) and raises with the log's last lines
 if it exits or times out.  ``stop`` sends SIGTERM (the launcher forwards it to tritonserver), SIGKILLs
 after a grace period, and then makes sure no process of tritonserver's group (the server and its Python
-stubs) is left.  Everything still running at interpreter exit is stopped as well.  Unless ``extra_args``
+stubs) is left, for every tritonserver the launcher started (it restarts one that crashed; ``server_pid``
+is the current one).  Everything still running at interpreter exit is stopped as well.  Unless ``extra_args``
 set it, ``--exit-timeout-secs=10`` is passed: tritonserver waits that long for open client connections.
 """
 
@@ -97,7 +98,7 @@ class TritonServerProcess:
         self._own_log = log_path is None
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._proc: subprocess.Popen[bytes] | None = None
-        self.server_pid: int | None = None
+        self.server_pids: list[int] = []  # every tritonserver the launcher started (it restarts after crashes)
         self.returncode: int | None = None
         self._log_text = ""
 
@@ -113,6 +114,15 @@ class TritonServerProcess:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[2]}/metrics"
+
+    @property
+    def server_pid(self) -> int | None:
+        """The tritonserver running now (the latest the launcher started)."""
+        self._find_server_pids()
+        return self.server_pids[-1] if self.server_pids else None
+
+    def _find_server_pids(self) -> None:
+        self.server_pids = [int(pid) for pid in _SERVER_PID.findall(self.log())]
 
     @property
     def pid(self) -> int | None:
@@ -149,10 +159,7 @@ class TritonServerProcess:
         ready = f"HTTP  http://127.0.0.1:{self.ports[0]}"
         deadline = time.monotonic() + timeout + 15
         while True:
-            text = self.log()
-            if self.server_pid is None and (m := _SERVER_PID.search(text)):
-                self.server_pid = int(m[1])
-            if ready in text:
+            if ready in self.log():
                 return self
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with code {self._proc.returncode}" if self._proc.poll() is not None else (
@@ -174,16 +181,16 @@ class TritonServerProcess:
                 _killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.returncode = proc.returncode
-        if self.server_pid is None and (m := _SERVER_PID.search(self.log())):
-            self.server_pid = int(m[1])
-        for sig, wait in ((0, grace), (signal.SIGKILL, 10.0)):  # server + stubs: only left if the
-            if self.server_pid is None or not live_group_members(self.server_pid):  # launcher was killed
-                break
-            if sig:
-                _killpg(self.server_pid, sig)
-            end = time.monotonic() + wait
-            while live_group_members(self.server_pid) and time.monotonic() < end:
-                time.sleep(0.1)
+        self._find_server_pids()
+        for server_pid in self.server_pids:
+            for sig, wait in ((0, grace), (signal.SIGKILL, 10.0)):  # server + stubs: only left if the
+                if not live_group_members(server_pid):  # launcher was killed
+                    break
+                if sig:
+                    _killpg(server_pid, sig)
+                end = time.monotonic() + wait
+                while live_group_members(server_pid) and time.monotonic() < end:
+                    time.sleep(0.1)
         _killpg(proc.pid, signal.SIGKILL)  # anything else the launcher's group may hold
         self.log()
         if self._own_log:

@@ -9,6 +9,7 @@ from omni_backend.config import ModelConfig, parameters_from_model_config, parse
 from omni_backend.pipelines.base import Component, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.runner.model_runner import load_stages, resolve_device
+from omni_backend.testing import faults
 from omni_backend.triton import log
 from omni_backend.triton.metrics import TritonAccelerationMetrics
 
@@ -29,7 +30,9 @@ class OmniModel:
         options_cls = resolve_family(family).options_cls if family else None
         self.config = parse_model_config(parameters, options_cls)
         device = resolve_device(self.config.device, args["model_instance_kind"], int(args["model_instance_device_id"]))
-        self.stages = load_stages(self.config, self.components, device, TritonAccelerationMetrics(self.model_name))
+        # test-only OOM injection, enabled by the server's environment, never by a request
+        metrics = TritonAccelerationMetrics(self.model_name)
+        self.stages = faults.maybe_inject(load_stages(self.config, self.components, device, metrics))
         self.log.info(
             "loaded %s (%s) from %s on %s, %s",
             self.model_name,

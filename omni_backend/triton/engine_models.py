@@ -31,6 +31,7 @@ from omni_backend.request import (
     parse_sampling_params,
 )
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.serving.drain import DrainSignal
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
 from omni_backend.triton.metrics import TritonEngineMetrics
@@ -48,7 +49,8 @@ class _EngineModel(OmniModel):
         super().initialize(args)
         self._ids = itertools.count()
         runner = ModelRunner(self.stages, self.output, synchronize=self.config.engine.log_stage_timings)
-        self.engine = DiffusionEngine(runner, self.config.engine, TritonEngineMetrics(self.model_name))
+        metrics = TritonEngineMetrics(self.model_name)
+        self.engine = DiffusionEngine(runner, self.config.engine, metrics, DrainSignal.from_env())
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
         raise NotImplementedError

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from omni_backend.config import EngineConfig
-from omni_backend.engine.scheduler import QueueFullError, RequestLevelScheduler, StepResult, StepScheduler
+from omni_backend.engine.scheduler import (
+    QueueFullError,
+    RateLimiter,
+    RequestLevelScheduler,
+    StepResult,
+    StepScheduler,
+)
 from omni_backend.request import DiffusionOutput, DiffusionRequest, SamplingParams
 
 
@@ -125,3 +131,16 @@ def test_request_level_batches_run_to_completion():
     assert plan.running_ids == ["b", "d"]  # same key batched, c (other key) waits
     s.update(plan, finish("b", "d"))
     assert s.schedule().running_ids == ["c"]
+
+
+def test_rate_limit_refuses_requests_beyond_the_configured_rate():
+    now = [0.0]
+    limiter = RateLimiter(2.0, clock=lambda: now[0])
+    assert [limiter.allow() for _ in range(3)] == [True, True, False]  # a burst of max(1, rate)
+    now[0] = 0.5
+    assert [limiter.allow() for _ in range(2)] == [True, False]  # refills at 2 per second
+    s = scheduler(max_request_rate=0.001)
+    s.add(request("a"))
+    with pytest.raises(QueueFullError, match="rate limit of 0.001 requests/s"):
+        s.add(request("b"))
+    assert ids(s.waiting) == ["a"]

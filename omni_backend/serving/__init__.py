@@ -1,0 +1,1 @@
+"""The launcher's parts: log watching, process supervision (crash recovery, shutdown), drain signalling."""
