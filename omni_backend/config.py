@@ -49,6 +49,27 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one model instance spreads a request over a group of devices (see distributed/)."""
+
+    cfg_parallel_size: int = 1  # CFG branches (rows of the transformer batch) on different ranks
+    ulysses_degree: int = 1  # sequence parallel: all-to-all over attention heads
+    ring_degree: int = 1  # sequence parallel: key/value blocks passed around a ring
+    tensor_parallel_size: int = 1  # transformer weights sharded column/row-wise
+    pipeline_parallel_size: int = 1  # transformer blocks split into consecutive stages
+
+    @property
+    def world_size(self) -> int:
+        return (
+            self.cfg_parallel_size
+            * self.ulysses_degree
+            * self.ring_degree
+            * self.tensor_parallel_size
+            * self.pipeline_parallel_size
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole validated config of one Triton model."""
 
@@ -59,6 +80,7 @@ class ModelConfig:
     model_root: str = DEFAULT_MODEL_ROOT
     limits: RequestLimits = field(default_factory=RequestLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
 
     def resolve_checkpoint(self) -> str:
@@ -148,6 +170,10 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
     model_root = values.pop("model_root", DEFAULT_MODEL_ROOT)
     limits = parse_dataclass(RequestLimits, values)
     engine = parse_dataclass(EngineConfig, values)
+    parallel = parse_dataclass(ParallelConfig, values)
+    for f in dataclasses.fields(ParallelConfig):
+        if getattr(parallel, f.name) < 1:
+            raise ConfigError(f"{f.name}: must be at least 1, got {getattr(parallel, f.name)}")
     for key, value in (("max_num_seqs", engine.max_num_seqs), ("max_steps", limits.max_steps)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
@@ -164,13 +190,14 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         model_root=model_root,
         limits=limits,
         engine=engine,
+        parallel=parallel,
         options=options,
     )
 
 
 def _known_keys(options_cls: type | None) -> str:
     names = ["family", "model", "dtype", "device", "model_root"]
-    for cls in (RequestLimits, EngineConfig, options_cls):
+    for cls in (RequestLimits, EngineConfig, ParallelConfig, options_cls):
         if cls is not None:
             names += [f.name for f in dataclasses.fields(cls)]
     return ", ".join(names)
