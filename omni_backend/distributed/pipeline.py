@@ -51,9 +51,8 @@ class PipelineStage:
         receives = []
         if self.prev is not None:  # post every receive now; wait for each only when it is needed
             for i, carry in enumerate(carries):
-                receives.append(
-                    (dist.irecv(carry.hidden, self.prev, tag=2 * i), dist.irecv(carry.context, self.prev, tag=2 * i + 1))
-                )
+                hidden = dist.irecv(carry.hidden, self.prev, tag=2 * i)
+                receives.append((hidden, dist.irecv(carry.context, self.prev, tag=2 * i + 1)))
         sends, outputs = [], []
         for i, carry in enumerate(carries):
             if receives:
