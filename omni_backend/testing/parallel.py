@@ -80,8 +80,8 @@ def _rank_main(
             denoiser = ParallelDenoiser(stages, spec, build_groups(parallel, device))
             dist.barrier()
             result = denoise_loop(stages, denoiser.denoise, cases)
-            if rank == 0:
-                results.put(result)
+            if rank == 0:  # numpy pickles by value: a tensor would travel as an fd that dies with this rank
+                results.put((result.seconds, [x.numpy() for x in result.latents]))
     finally:
         dist.destroy_process_group()
 
@@ -104,7 +104,8 @@ def run_parallel(
     collected: list[LoopResult] = []
     while len(collected) < len(layouts):
         try:
-            collected.append(results.get(timeout=1.0))
+            seconds, latents = results.get(timeout=1.0)
+            collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))
         except queue.Empty:
             procs.join(timeout=0)  # raises ProcessRaisedException with the rank's traceback if one died
     procs.join()
