@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from omni_backend.distributed.worker import ParallelRunner, make_runner
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
 from omni_backend.pipelines.base import Component
@@ -29,7 +30,7 @@ from omni_backend.request import (
     parse_prompt_request,
     parse_sampling_params,
 )
-from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
 from omni_backend.triton.metrics import TritonEngineMetrics
@@ -46,7 +47,7 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = ModelRunner(self.stages, self.output, synchronize=self.config.engine.log_stage_timings)
+        runner = make_runner(self.stages, self.config, self.components, self.output, self.device)
         self.engine = DiffusionEngine(runner, self.config.engine, TritonEngineMetrics(self.model_name))
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
@@ -100,6 +101,8 @@ class _EngineModel(OmniModel):
 
     def finalize(self) -> None:
         self.engine.stop()
+        if isinstance(self.engine.runner, ParallelRunner):
+            self.engine.runner.close()
 
 
 class PipelineModel(_EngineModel):
