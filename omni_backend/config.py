@@ -68,6 +68,27 @@ class AccelerationConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one model instance spreads a request over a group of devices (see distributed/)."""
+
+    cfg_parallel_size: int = 1  # CFG branches (rows of the transformer batch) on different ranks
+    ulysses_degree: int = 1  # sequence parallel: all-to-all over attention heads
+    ring_degree: int = 1  # sequence parallel: key/value blocks passed around a ring
+    tensor_parallel_size: int = 1  # transformer weights sharded column/row-wise
+    pipeline_parallel_size: int = 1  # transformer blocks split into consecutive stages
+
+    @property
+    def world_size(self) -> int:
+        return (
+            self.cfg_parallel_size
+            * self.ulysses_degree
+            * self.ring_degree
+            * self.tensor_parallel_size
+            * self.pipeline_parallel_size
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole validated config of one Triton model."""
 
@@ -80,6 +101,7 @@ class ModelConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
     step_cache: Any = None  # cache_backend + cache_config parsed (omni_backend.cache.config), None: no cache
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
 
     def resolve_checkpoint(self) -> str:
@@ -169,12 +191,21 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
     model_root = values.pop("model_root", DEFAULT_MODEL_ROOT)
     limits = parse_dataclass(RequestLimits, values)
     engine = parse_dataclass(EngineConfig, values)
+    parallel = parse_dataclass(ParallelConfig, values)
+    for f in dataclasses.fields(ParallelConfig):
+        if getattr(parallel, f.name) < 1:
+            raise ConfigError(f"{f.name}: must be at least 1, got {getattr(parallel, f.name)}")
     for key, value in (("max_num_seqs", engine.max_num_seqs), ("max_steps", limits.max_steps)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if engine.scheduling not in ("step", "request"):
         raise ConfigError(f"scheduling: {engine.scheduling!r} is not 'step' or 'request'")
     acceleration, step_cache = _parse_acceleration(values)
+    if parallel.world_size > 1:
+        # the parallel denoiser runs the transformer itself: these would silently not apply
+        for key, off in (("offload", "none"), ("cache_backend", "none"), ("compile", "none")):
+            if getattr(acceleration, key) != off:
+                raise ConfigError(f"{key}: not supported yet with a parallel group (world size {parallel.world_size})")
     options = parse_dataclass(options_cls, values) if options_cls is not None else None
     if values:
         raise ConfigError(f"{sorted(values)[0]}: unknown config parameter (known keys: {_known_keys(options_cls)})")
@@ -188,6 +219,7 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         engine=engine,
         acceleration=acceleration,
         step_cache=step_cache,
+        parallel=parallel,
         options=options,
     )
 
@@ -216,7 +248,7 @@ def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any
 
 def _known_keys(options_cls: type | None) -> str:
     names = ["family", "model", "dtype", "device", "model_root"]
-    for cls in (RequestLimits, EngineConfig, AccelerationConfig, options_cls):
+    for cls in (RequestLimits, EngineConfig, AccelerationConfig, ParallelConfig, options_cls):
         if cls is not None:
             names += [f.name for f in dataclasses.fields(cls)]
     return ", ".join(names)

@@ -228,10 +228,23 @@ class FluxStages(PipelineStages):
 
     @torch.inference_mode()
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        rows = self.denoise_rows(states)
+        inputs = self.transformer_inputs(rows)
+        if self.step_cache is not None:
+            noise = self.step_cache.forward([_cache_row(s, p) for s, p in rows], inputs)
+        else:
+            noise = self.pipe.transformer(**inputs, return_dict=False)[0]
+        return self.combine_rows(states, noise)
+
+    # The three pieces of ``denoise``, also driven by distributed/ to split the rows over ranks.
+
+    def denoise_rows(self, states: Sequence[DenoiseState]) -> list[tuple[FluxState, str]]:
+        """Transformer batch rows: every request's conditional branch, then the CFG ones' negative branch."""
         flux_states: list[FluxState] = list(states)  # type: ignore[arg-type]
-        cfg = [s for s in flux_states if s.do_true_cfg]
-        # Rows: the conditional branch of every request, then the negative branch of the CFG ones.
-        rows = [(s, "") for s in flux_states] + [(s, "negative_") for s in cfg]
+        return [(s, "") for s in flux_states] + [(s, "negative_") for s in flux_states if s.do_true_cfg]
+
+    def transformer_inputs(self, rows: Sequence[tuple[FluxState, str]]) -> dict[str, Any]:
+        """Keyword arguments of one transformer call over ``rows`` (as ``denoise_rows`` lays them out)."""
         latents = torch.cat([s.latents for s, _ in rows])
         dtype = latents.dtype
         timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(dtype)
@@ -241,26 +254,26 @@ class FluxStages(PipelineStages):
                 [s.request.params.guidance_scale for s, _ in rows], device=self.device, dtype=torch.float32
             )
         text = torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
-        pooled = torch.stack([s.conditioning[f"{p}pooled_prompt_embeds"] for s, p in rows])
-        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=dtype)
-        inputs = {
+        return {
             "hidden_states": latents,
             "timestep": timestep / 1000,
             "guidance": guidance,
-            "pooled_projections": pooled,
+            "pooled_projections": torch.stack([s.conditioning[f"{p}pooled_prompt_embeds"] for s, p in rows]),
             "encoder_hidden_states": text,
-            "txt_ids": text_ids,
-            "img_ids": flux_states[0].latent_image_ids,
+            "txt_ids": torch.zeros(text.shape[1], 3, device=self.device, dtype=dtype),
+            "img_ids": rows[0][0].latent_image_ids,
         }
-        if self.step_cache is not None:
-            noise = self.step_cache.forward([_cache_row(s, p) for s, p in rows], inputs)
-        else:
-            noise = self.pipe.transformer(**inputs, return_dict=False)[0]
+
+    def combine_rows(self, states: Sequence[DenoiseState], noise: torch.Tensor) -> list[torch.Tensor]:
+        """One noise prediction per state from the rows' predictions (true CFG combined)."""
+        flux_states: list[FluxState] = list(states)  # type: ignore[arg-type]
         preds = [noise[i : i + 1] for i in range(len(flux_states))]
-        for j, state in enumerate(cfg):
-            i = flux_states.index(state)
-            neg = noise[len(flux_states) + j : len(flux_states) + j + 1]
-            preds[i] = neg + state.request.params.true_cfg_scale * (preds[i] - neg)
+        negative = len(flux_states)
+        for i, state in enumerate(flux_states):
+            if state.do_true_cfg:
+                neg = noise[negative : negative + 1]
+                preds[i] = neg + state.request.params.true_cfg_scale * (preds[i] - neg)
+                negative += 1
         return preds
 
     # ------------------------------------------------------------------ 4. decode

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+import torch
+
 from omni_backend.config import ModelConfig, parameters_from_model_config, parse_model_config
 from omni_backend.pipelines.base import Component, PipelineStages
 from omni_backend.registry import resolve_family
@@ -21,6 +23,7 @@ class OmniModel:
 
     config: ModelConfig
     stages: PipelineStages
+    device: torch.device  # the instance's device (rank 0's when the model runs a worker group)
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.model_name = args["model_name"]
@@ -30,9 +33,12 @@ class OmniModel:
         options_cls = resolve_family(family).options_cls if family else None
         self.config = parse_model_config(parameters, options_cls)
         device = resolve_device(self.config.device, args["model_instance_kind"], int(args["model_instance_device_id"]))
+        self.device = device
+        # with a worker group the ranks hold the weights on the devices; the stub's copy only parses requests
+        local = device if self.config.parallel.world_size == 1 else torch.device("cpu")
         # test-only OOM injection, enabled by the server's environment, never by a request
         metrics = TritonAccelerationMetrics(self.model_name)
-        self.stages = faults.maybe_inject(load_stages(self.config, self.components, device, metrics))
+        self.stages = faults.maybe_inject(load_stages(self.config, self.components, local, metrics))
         self.log.info(
             "loaded %s (%s) from %s on %s, %s",
             self.model_name,

@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from omni_backend.cache.config import check_cache_threshold
+from omni_backend.distributed.worker import ParallelRunner, make_runner
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
 from omni_backend.pipelines.base import Component
@@ -30,7 +31,7 @@ from omni_backend.request import (
     parse_prompt_request,
     parse_sampling_params,
 )
-from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.serving.drain import DrainSignal
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
@@ -48,7 +49,7 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = ModelRunner(self.stages, self.output, synchronize=self.config.engine.log_stage_timings)
+        runner = make_runner(self.stages, self.config, self.components, self.output, self.device)
         metrics = TritonEngineMetrics(self.model_name)
         self.engine = DiffusionEngine(runner, self.config.engine, metrics, DrainSignal.from_env())
 
@@ -104,6 +105,8 @@ class _EngineModel(OmniModel):
 
     def finalize(self) -> None:
         self.engine.stop()
+        if isinstance(self.engine.runner, ParallelRunner):
+            self.engine.runner.close()
 
 
 class PipelineModel(_EngineModel):

@@ -1,0 +1,113 @@
+"""Speedup of the parallel modes over one process, each rank on one core with one thread.
+
+The CPU stands in for a multi-GPU node: one pinned core per rank plays one device per rank, gloo
+plays NCCL, and the baseline is one process pinned to one core. The transformer is a FLUX.1
+architecture scaled so that compute dominates communication (``--heads``, ``--layers``); the
+workload is two requests with true CFG (four transformer rows per step), so CFG-parallel splits the
+branches and pipeline parallel has four micro-batches in flight.
+
+    python -m benchmarks.parallel [--size 256 --steps 4 --heads 8 --layers 4,8] [--smoke]
+
+Prints a markdown table (and writes ``--out`` JSON). Needs as many cores as the largest world (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from omni_backend.config import ParallelConfig
+from omni_backend.request import DiffusionRequest, SamplingParams
+from omni_backend.testing.parallel import run_parallel
+from omni_backend.testing.tiny import build_tiny_flux
+
+LAYOUTS = {
+    "single": ParallelConfig(),
+    "cfg2": ParallelConfig(cfg_parallel_size=2),
+    "ulysses2": ParallelConfig(ulysses_degree=2),
+    "ring2": ParallelConfig(ring_degree=2),
+    "pp2": ParallelConfig(pipeline_parallel_size=2),
+    "tp2": ParallelConfig(tensor_parallel_size=2),
+}
+TARGETS = {"cfg2": 1.8, "ulysses2": 1.6, "pp2": 1.5}
+
+
+def build_checkpoint(out: Path, heads: int, double: int, single: int) -> Path:
+    """The tiny FLUX checkpoint with a bigger transformer (head_dim 64, like FLUX.1)."""
+    from diffusers import FluxTransformer2DModel
+
+    build_tiny_flux(out)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=64,
+        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    )  # fmt: skip
+    transformer.save_pretrained(out / "transformer")
+    return out
+
+
+def workload(size: int, steps: int, text_len: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for i in range(2):
+        params = SamplingParams(size, size, steps, 3.5, 4.0, i)
+        request = DiffusionRequest(str(i), params, prompt="p", negative_prompt="n")
+        cond = {
+            name: torch.randn(*shape, generator=generator)
+            for name, shape in (
+                ("prompt_embeds", (text_len, 32)), ("pooled_prompt_embeds", (32,)),
+                ("negative_prompt_embeds", (text_len, 32)), ("negative_pooled_prompt_embeds", (32,)),
+            )
+        }  # fmt: skip
+        cases.append((request, cond))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.parallel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (256: 256 image tokens)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--text-len", type=int, default=64, help="text tokens")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads of 64 dims")
+    parser.add_argument("--layers", default="4,8", help="double-stream,single-stream blocks")
+    parser.add_argument("--repeats", type=int, default=2, help="loops per layout; the fastest counts")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.steps, args.text_len, args.heads, args.layers, args.repeats = 32, 1, 8, 2, "1,1", 1
+    double, single = (int(x) for x in args.layers.split(","))
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(build_checkpoint(Path(tmp) / "flux", args.heads, double, single))
+        cases = workload(args.size, args.steps, args.text_len)
+        seconds: dict[str, float] = {}
+        for world in sorted({p.world_size for p in LAYOUTS.values()}):  # one spawn per world size
+            names = [n for n, p in LAYOUTS.items() if p.world_size == world]
+            layouts = [LAYOUTS[n] for n in names for _ in range(args.repeats)]
+            runs = run_parallel("flux", checkpoint, cases, layouts, pin_cores=True)
+            for i, name in enumerate(names):
+                seconds[name] = min(r.seconds for r in runs[i * args.repeats : (i + 1) * args.repeats])
+    base = seconds["single"]
+    print(f"\n{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
+          f"{args.size}x{args.size}, {args.steps} steps, 2 requests x true CFG, {args.heads} heads x 64, "
+          f"{double}+{single} blocks")  # fmt: skip
+    print("\n| mode | world | loop seconds | speedup | target |\n|---|---|---|---|---|")
+    for name, value in seconds.items():
+        target = f">= {TARGETS[name]}" if name in TARGETS else "report"
+        print(f"| {name} | {LAYOUTS[name].world_size} | {value:.3f} | {base / value:.2f}x | {target} |")
+    if args.out is not None:
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "seconds": seconds}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

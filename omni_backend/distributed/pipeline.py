@@ -1,0 +1,78 @@
+"""Pipeline parallel: the transformer's blocks split into contiguous stages, one per ``pp`` rank.
+
+Per call the rows run as micro-batches (one row each: a request's branch), so while rank 1 runs the
+blocks of micro-batch 0, rank 0 already runs micro-batch 1. Activations travel with async
+isend/irecv: a stage posts the receives of all its micro-batches up front and only waits for one
+when it is about to use it; sends are waited for at the end of the call. Timestep embeddings and
+rotary tables are cheap and depend only on inputs every rank holds, so each rank computes them
+instead of receiving them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omni_backend.distributed.groups import ParallelGroups
+from omni_backend.distributed.spec import ParallelSpec
+
+
+def split_blocks(num_blocks: int, stages: int) -> list[range]:
+    """Contiguous, balanced slices of the blocks (the first stages take one more when uneven)."""
+    base, extra = divmod(num_blocks, stages)
+    bounds, start = [], 0
+    for stage in range(stages):
+        stop = start + base + (1 if stage < extra else 0)
+        bounds.append(range(start, stop))
+        start = stop
+    return bounds
+
+
+class PipelineStage:
+    """This rank's slice of the transformer and the send/receive schedule around it."""
+
+    def __init__(self, transformer: torch.nn.Module, spec: ParallelSpec, groups: ParallelGroups):
+        self.transformer = transformer
+        self.spec = spec
+        self.groups = groups
+        self.stage = groups.local_rank("pp")
+        self.num_stages = groups.size("pp")
+        blocks = spec.blocks(transformer)
+        self.blocks = [blocks[i] for i in split_blocks(len(blocks), self.num_stages)[self.stage]]
+        self.prev = groups.global_rank(pp=self.stage - 1) if self.stage > 0 else None
+        self.next = groups.global_rank(pp=self.stage + 1) if self.stage < self.num_stages - 1 else None
+        self.last = groups.global_rank(pp=self.num_stages - 1)
+
+    def forward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Noise predictions of all micro-batches, concatenated, on every rank of this ``pp`` group."""
+        carries = [self.spec.embed(self.transformer, inputs) for inputs in micro_batches]
+        receives = []
+        if self.prev is not None:  # post every receive now; wait for each only when it is needed
+            for i, carry in enumerate(carries):
+                hidden = dist.irecv(carry.hidden, self.prev, tag=2 * i)
+                receives.append((hidden, dist.irecv(carry.context, self.prev, tag=2 * i + 1)))
+        sends, outputs = [], []
+        for i, carry in enumerate(carries):
+            if receives:
+                for handle in receives[i]:
+                    handle.wait()
+            for block in self.blocks:
+                self.spec.run_block(block, carry)
+            if self.next is not None:
+                sends += [
+                    dist.isend(carry.hidden.contiguous(), self.next, tag=2 * i),
+                    dist.isend(carry.context.contiguous(), self.next, tag=2 * i + 1),
+                ]
+            else:
+                outputs.append(self.spec.head(self.transformer, carry))
+        for handle in sends:
+            handle.wait()
+        if self.next is None:
+            noise = torch.cat(outputs)
+        else:  # shape and dtype of the head's output: the latents' own
+            noise = torch.empty_like(torch.cat([inputs["hidden_states"] for inputs in micro_batches]))
+        # every rank steps its own copy of the request state, so every rank needs the prediction
+        dist.broadcast(noise, self.last, group=self.groups.group("pp"))
+        return noise

@@ -1,0 +1,67 @@
+"""The per-family facts distributed/ needs, looked up by family name (like registry.py)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from omni_backend.pipelines.base import DenoiseState, PipelineStages
+
+# family -> "module:Class"; the spec lives beside the family's pipeline file
+_SPECS: dict[str, str] = {
+    "flux": "omni_backend.pipelines.flux_parallel:FluxParallelSpec",
+}
+
+
+@dataclass
+class Carry:
+    """Activations between transformer blocks: what pipeline parallel sends to the next stage."""
+
+    hidden: torch.Tensor  # image stream [rows, S_img, inner]
+    context: torch.Tensor  # text stream [rows, S_txt, inner]
+    extras: dict[str, Any] = field(default_factory=dict)  # recomputed on every rank (temb, rotary), never sent
+
+
+class RowStages(Protocol):
+    """The stage methods that lay one ``denoise`` call out as transformer rows (see pipelines/flux.py)."""
+
+    def denoise_rows(self, states: list[DenoiseState]) -> list[Any]: ...
+
+    def transformer_inputs(self, rows: list[Any]) -> dict[str, Any]: ...
+
+    def combine_rows(self, states: list[DenoiseState], noise: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class ParallelSpec(Protocol):
+    @staticmethod
+    def transformer(stages: PipelineStages) -> torch.nn.Module: ...
+
+    @staticmethod
+    def num_heads(config: dict[str, Any]) -> int: ...
+
+    @staticmethod
+    def num_blocks(config: dict[str, Any]) -> int: ...
+
+    @staticmethod
+    def blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]: ...
+
+    @staticmethod
+    def embed(transformer: torch.nn.Module, inputs: dict[str, Any]) -> Carry: ...
+
+    @staticmethod
+    def run_block(block: torch.nn.Module, carry: Carry) -> None: ...
+
+    @staticmethod
+    def head(transformer: torch.nn.Module, carry: Carry) -> torch.Tensor: ...
+
+
+def resolve_spec(family: str) -> ParallelSpec:
+    try:
+        target = _SPECS[family]
+    except KeyError:
+        raise ValueError(f"family {family!r} has no parallel spec (known: {', '.join(sorted(_SPECS))})") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,195 @@
+"""Worker group: the ranks of a parallel model instance as spawned processes, driven like a ModelRunner.
+
+``ParallelRunner`` has the ModelRunner's verbs (``execute(plan) -> StepResult``, ``abort(ids)``)
+so the engine drives world size > 1 exactly like world size 1, which stays in-process
+(``make_runner``). The driver only passes control messages: each rank receives the same StepPlan
+(requests, with their conditioning when the ensemble sent it), holds the per-request state in its
+own ModelRunner and runs ``denoise`` through a ParallelDenoiser; rank 0 sends the StepResult back.
+Tensors cross processes through torch.multiprocessing queues, i.e. shared memory (a file descriptor
+is pickled, never the data); output images are turned into tensors for that.
+
+A rank that dies (OOM kill, segfault) is noticed within ``POLL_S`` while the driver waits: the step
+fails with a WorkerDiedError naming the rank (the engine fails every request in flight with it),
+the rest of the group is stopped and the next step starts a fresh group (the states were lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as std_mp
+import os
+import queue
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from omni_backend.config import ConfigError, ModelConfig
+from omni_backend.distributed.denoiser import ParallelDenoiser
+from omni_backend.distributed.groups import (
+    build_groups,
+    cpu_threads_per_rank,
+    free_port,
+    init_process_group,
+    rank_device,
+)
+from omni_backend.distributed.spec import resolve_spec
+from omni_backend.distributed.validate import validate_parallel
+from omni_backend.engine.scheduler import StepPlan, StepResult
+from omni_backend.pipelines.base import Component
+from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_stages
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting driver checks that every rank is alive
+COLLECTIVE_TIMEOUT_S = 60.0  # a survivor blocked on a dead peer gives up after this (it is stopped anyway)
+
+
+class WorkerDiedError(RuntimeError):
+    """A rank of the worker group exited; the requests in flight are lost."""
+
+
+@dataclass
+class _RankSetup:
+    config: ModelConfig
+    components: Component
+    output: RunnerOutput
+    base_device: str  # the instance's device; rank r uses the r-th GPU from it, or the CPU
+    port: int
+
+
+def _to_shared(result: StepResult) -> StepResult:
+    """numpy arrays -> tensors, so the queue moves them through shared memory instead of the pipe."""
+    for output in result.finished:
+        output.outputs = {k: torch.from_numpy(v) for k, v in output.outputs.items()}  # type: ignore[misc]
+    for progress in result.progress:
+        if isinstance(progress.preview, np.ndarray):
+            progress.preview = torch.from_numpy(progress.preview)
+    return result
+
+
+def _from_shared(result: StepResult) -> StepResult:
+    for output in result.finished:
+        output.outputs = {k: v.numpy() for k, v in output.outputs.items()}  # type: ignore[union-attr]
+    for progress in result.progress:
+        if isinstance(progress.preview, torch.Tensor):
+            progress.preview = progress.preview.numpy()
+    return result
+
+
+def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results: Any) -> None:
+    device = rank_device(torch.device(setup.base_device), rank)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_rank(world))
+    init_process_group(rank, world, device, f"tcp://127.0.0.1:{setup.port}", COLLECTIVE_TIMEOUT_S)
+    try:
+        spec = resolve_spec(setup.config.family)
+        stages = load_stages(setup.config, setup.components, device)
+        validate_parallel(setup.config.parallel, spec, dict(spec.transformer(stages).config), device)
+        denoiser = ParallelDenoiser(stages, spec, build_groups(setup.config.parallel, device))
+    except Exception as exc:
+        if rank == 0:
+            results.put(("error", exc))
+        commands.get()  # stay alive until the driver stops the group, so it sees the error, not a death
+        return
+    # the runner calls stages.denoise: on a rank that is the distributed call (instance attribute)
+    stages.denoise = denoiser.denoise  # type: ignore[method-assign]
+    # only rank 0 answers, so only rank 0 decodes images
+    runner = ModelRunner(stages, setup.output if rank == 0 else RunnerOutput.LATENTS)
+    if rank == 0:
+        results.put(("ready", os.getpid()))
+    while (command := commands.get()) is not None:
+        verb, payload = command
+        if verb == "execute":
+            result = runner.execute(payload)
+            if rank == 0:
+                results.put(("result", _to_shared(result)))
+        elif verb == "abort":
+            runner.abort(payload)
+
+
+class ParallelRunner:
+    """The driver of a worker group; a drop-in for ModelRunner in the engine."""
+
+    def __init__(self, stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: str):
+        self.stages = stages  # the driver's own copy: batch keys and request parsing only
+        self.output = output
+        self._setup = (config, components, output, device)
+        self._procs: list[std_mp.process.BaseProcess] = []
+        self._start()
+
+    def _start(self) -> None:
+        config, components, output, device = self._setup
+        setup = _RankSetup(config, components, output, device, free_port())
+        world = config.parallel.world_size
+        ctx = mp.get_context("spawn")
+        self._commands = [ctx.Queue() for _ in range(world)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_rank_main, args=(rank, world, setup, self._commands[rank], self._results), daemon=True)
+            for rank in range(world)
+        ]
+        for proc in self._procs:
+            proc.start()
+        kind, payload = self._receive()
+        if kind == "error":
+            self.close()
+            raise ConfigError(str(payload)) if isinstance(payload, ConfigError) else payload
+        logger.info("worker group of %d ranks ready (pids %s)", world, [p.pid for p in self._procs])
+
+    def _receive(self) -> tuple[str, Any]:
+        while True:
+            try:
+                message = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            # rank 0 may answer because a collective failed on the dead peer: report the death, not that
+            self._check_alive()
+            return message
+
+    def _check_alive(self) -> None:
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+        if dead:
+            rank, code = dead[0]
+            logger.error("parallel worker rank %d (pid %s) died, exit code %s", rank, self._procs[rank].pid, code)
+            self.close()
+            raise WorkerDiedError(f"parallel worker rank {rank} died (exit code {code}); its requests are lost")
+
+    def _broadcast(self, verb: str, payload: Any) -> None:
+        for commands in self._commands:
+            commands.put((verb, payload))
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if not self._procs:  # the previous group died: its states are gone, start afresh
+            self._start()
+        self._broadcast("execute", plan)
+        kind, payload = self._receive()
+        return _from_shared(payload)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if self._procs:
+            self._broadcast("abort", list(request_ids))
+
+    def close(self) -> None:
+        """Stop every rank (ours: started by _start) and forget them."""
+        for commands, proc in zip(self._commands, self._procs, strict=True):
+            if proc.is_alive():
+                commands.put(None)
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():  # blocked in a collective with a dead peer
+                proc.kill()
+                proc.join()
+        self._procs = []
+
+
+def make_runner(
+    stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: torch.device
+) -> ModelRunner | ParallelRunner:
+    """World size 1 runs in-process; larger worlds in a worker group."""
+    if config.parallel.world_size == 1:
+        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings)
+    return ParallelRunner(stages, config, components, output, str(device))

@@ -1,0 +1,112 @@
+"""Run whole denoising loops over a parallel group of spawned CPU processes (gloo), for tests and benchmarks.
+
+``run_parallel(...)`` spawns ``world`` ranks; each loads the transformer stage from the checkpoint,
+enables each parallel layout of ``layouts`` in turn, prepares the same requests from the same
+conditioning and runs every step through ``ParallelDenoiser``. Rank 0 sends back the final latents
+(the layout ``decode`` takes) and the seconds the loop took.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from omni_backend.config import ParallelConfig
+from omni_backend.distributed.denoiser import ParallelDenoiser
+from omni_backend.distributed.groups import build_groups, free_port, init_process_group
+from omni_backend.distributed.spec import resolve_spec
+from omni_backend.distributed.validate import validate_parallel
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.registry import resolve_family
+from omni_backend.request import DiffusionRequest
+
+
+@dataclass
+class LoopResult:
+    latents: list[torch.Tensor]  # per request, as ``output_latents``
+    seconds: float  # the denoising loop alone (prepare and load excluded)
+
+
+def denoise_loop(
+    stages: PipelineStages,
+    denoise: Callable[[Sequence[DenoiseState]], list[torch.Tensor]],
+    cases: Sequence[tuple[DiffusionRequest, Conditioning]],
+) -> LoopResult:
+    """All requests in one batch from the first step; finished ones leave, as the step scheduler does."""
+    states = [stages.prepare(request, cond) for request, cond in cases]
+    started = time.perf_counter()
+    running = list(states)
+    while running:
+        stages.step(running, denoise(running))
+        running = [s for s in running if not s.finished]
+    seconds = time.perf_counter() - started
+    return LoopResult([stages.output_latents(s).clone() for s in states], seconds)
+
+
+def load_transformer_stage(family: str, checkpoint: str) -> PipelineStages:
+    return resolve_family(family).load(
+        checkpoint, Component.TRANSFORMER, torch.float32, torch.device("cpu"), resolve_family(family).options_cls()
+    )
+
+
+def _rank_main(
+    rank: int,
+    world: int,
+    port: int,
+    family: str,
+    checkpoint: str,
+    cases: list[tuple[DiffusionRequest, Conditioning]],
+    layouts: list[ParallelConfig],
+    results: mp.Queue,
+    pin_cores: bool,
+) -> None:
+    if pin_cores:  # the benchmark's "one device per rank": one core, one thread
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    init_process_group(rank, world, device, f"tcp://127.0.0.1:{port}", timeout_s=120)
+    try:
+        for parallel in layouts:
+            stages = load_transformer_stage(family, checkpoint)
+            spec = resolve_spec(family)
+            validate_parallel(parallel, spec, dict(spec.transformer(stages).config), device)
+            denoiser = ParallelDenoiser(stages, spec, build_groups(parallel, device))
+            dist.barrier()
+            result = denoise_loop(stages, denoiser.denoise, cases)
+            if rank == 0:  # numpy pickles by value: a tensor would travel as an fd that dies with this rank
+                results.put((result.seconds, [x.numpy() for x in result.latents]))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_parallel(
+    family: str,
+    checkpoint: str,
+    cases: list[tuple[DiffusionRequest, Conditioning]],
+    layouts: list[ParallelConfig],
+    pin_cores: bool = False,
+) -> list[LoopResult]:
+    """One LoopResult per layout (all layouts must have the same world size)."""
+    world = layouts[0].world_size
+    if any(p.world_size != world for p in layouts):
+        raise ValueError("all layouts of one run_parallel call need the same world size")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    args = (world, free_port(), family, checkpoint, cases, layouts, results, pin_cores)
+    procs = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
+    collected: list[LoopResult] = []
+    while len(collected) < len(layouts):
+        try:
+            seconds, latents = results.get(timeout=1.0)
+            collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))
+        except queue.Empty:
+            procs.join(timeout=0)  # raises ProcessRaisedException with the rank's traceback if one died
+    procs.join()
+    return collected

@@ -1,0 +1,27 @@
+"""``python -m benchmarks.parallel --smoke``: every mode runs pinned and the table and JSON come out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_parallel_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "parallel.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.parallel", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    seconds = json.loads(out.read_text())["seconds"]
+    assert set(seconds) == {"single", "cfg2", "ulysses2", "ring2", "pp2", "tp2"}
+    assert all(value > 0 for value in seconds.values())
+    assert "| cfg2 | 2 |" in run.stdout

@@ -1,0 +1,86 @@
+"""The worker group behind the runner interface: parity, a killed rank, a bad layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from omni_backend.config import ConfigError, EngineConfig, parse_model_config
+from omni_backend.distributed.worker import ParallelRunner, WorkerDiedError
+from omni_backend.engine.scheduler import StepPlan, StepScheduler
+from omni_backend.pipelines.base import Component
+from omni_backend.pipelines.flux import FluxOptions, FluxStages
+from omni_backend.request import DiffusionRequest, SamplingParams
+from omni_backend.runner.model_runner import RunnerOutput
+from omni_backend.testing.compare import assert_same_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def model_config(tiny_flux, **parallel: int):
+    parameters = {"family": "flux", "model": str(tiny_flux), **{k: str(v) for k, v in parallel.items()}}
+    return parse_model_config(parameters, FluxOptions)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_flux):
+    stages = FluxStages.load(str(tiny_flux), Component.ALL, torch.float32, torch.device("cpu"), FluxOptions())
+    config = model_config(tiny_flux, cfg_parallel_size=2)
+    runner = ParallelRunner(stages, config, Component.ALL, RunnerOutput.IMAGE, "cpu")
+    yield runner
+    runner.close()
+
+
+def request(i: int, negative: str | None, cfg: float, steps: int) -> DiffusionRequest:
+    params = SamplingParams(64, 64, steps, 3.5, cfg, i)
+    return DiffusionRequest(str(i), params, prompt=f"prompt {i}", negative_prompt=negative)
+
+
+def run_to_completion(runner: ParallelRunner, requests: list[DiffusionRequest]) -> dict:
+    scheduler = StepScheduler(EngineConfig(), runner.stages.batch_key)
+    for r in requests:
+        scheduler.add(r)
+    outputs = {}
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        result = runner.execute(plan)
+        scheduler.update(plan, result)
+        outputs.update({o.request_id: o for o in result.finished})
+    return outputs
+
+
+def expect(flux_reference, r: DiffusionRequest):
+    p = r.params
+    return flux_reference(
+        r.prompt, p.seed, negative_prompt=r.negative_prompt, true_cfg_scale=p.true_cfg_scale, height=p.height,
+        width=p.width, num_inference_steps=p.num_inference_steps,
+    )  # fmt: skip
+
+
+def test_cfg2_worker_group_matches_diffusers(runner, flux_reference):
+    requests = [request(0, "blurry", 3.0, 3), request(1, None, 1.0, 2)]
+    outputs = run_to_completion(runner, requests)
+    for r in requests:
+        assert outputs[r.request_id].error is None, outputs[r.request_id].error
+        assert_same_image(outputs[r.request_id].outputs["image"], expect(flux_reference, r))
+
+
+def test_killed_rank_fails_the_step_and_the_group_restarts(runner, flux_reference):
+    doomed = request(5, "dark", 2.0, 4)
+    first = runner.execute(StepPlan(admitted=[doomed], running_ids=["5"]))
+    assert first.finished == [] and first.progress[0].step == 1  # mid-request: 1 of 4 steps done
+    os.kill(runner._procs[1].pid, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError, match="parallel worker rank 1 died"):
+        runner.execute(StepPlan(running_ids=["5"]))
+    fresh = request(6, "dark", 2.0, 2)  # the next step starts a new group and serves new requests
+    outputs = run_to_completion(runner, [fresh])
+    assert_same_image(outputs["6"].outputs["image"], expect(flux_reference, fresh))
+
+
+def test_bad_layout_fails_the_load_naming_the_parameter(tiny_flux):
+    config = model_config(tiny_flux, ulysses_degree=4)
+    with pytest.raises(ConfigError, match="ulysses_degree: 4 does not divide the 2 attention heads"):
+        ParallelRunner(None, config, Component.TRANSFORMER, RunnerOutput.LATENTS, "cpu")

@@ -1,0 +1,74 @@
+"""cfg2, ulysses2 and pp2 served by a real tritonserver: each model instance drives a worker group of
+two spawned ranks (gloo), and the images equal diffusers' FluxPipeline; a bad layout fails its load.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from omni_backend.testing.compare import assert_same_image
+from omni_backend.testing.server import TritonServerProcess
+from tests.e2e.conftest import REPOSITORY, RawClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+VARIANTS = {
+    "flux_cfg2": {"cfg_parallel_size": "2"},
+    "flux_ulysses2": {"ulysses_degree": "2"},
+    "flux_pp2": {"pipeline_parallel_size": "2"},
+    "flux_bad_ulysses": {"ulysses_degree": "4"},  # 2 heads in the tiny checkpoint
+}
+
+
+def _variant(repo: Path, name: str, parameters: dict[str, str]) -> None:
+    shutil.copytree(REPOSITORY / "flux", repo / name)
+    config = (repo / name / "config.pbtxt").read_text().replace('name: "flux"', f'name: "{name}"')
+    extra = "".join(f',\n  {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in parameters.items())
+    head, tail = config.rsplit("]", 1)  # the parameters block closes last
+    (repo / name / "config.pbtxt").write_text(head.rstrip() + extra + "\n]" + tail)
+
+
+@pytest.fixture(scope="module")
+def parallel_server(tmp_path_factory, model_root):
+    repo = tmp_path_factory.mktemp("parallel_repo")
+    for name, parameters in VARIANTS.items():
+        _variant(repo, name, parameters)
+    loads = [f"--load-model={name}" for name in VARIANTS if name != "flux_bad_ulysses"]
+    process = TritonServerProcess(
+        repo, env_extra={"OMNI_MODEL_ROOT": str(model_root)},
+        extra_args=["--model-control-mode=explicit", *loads],
+    )  # fmt: skip
+    process.start(timeout=600)
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("model", ["flux_cfg2", "flux_ulysses2", "flux_pp2"])
+def test_parallel_model_matches_diffusers(parallel_server, flux_reference, model):
+    client = RawClient(parallel_server, "grpc")
+    try:
+        request = {"prompt": "a green square", "negative_prompt": "blurry", "true_cfg_scale": np.float32(3.0),
+                   "height": np.int32(64), "width": np.int32(64), "num_inference_steps": np.int32(3),
+                   "seed": np.int64(7)}  # fmt: skip
+        image = client.infer(model, request)
+    finally:
+        client.close()
+    expected = flux_reference(
+        "a green square", 7, negative_prompt="blurry", true_cfg_scale=3.0, height=64, width=64, num_inference_steps=3
+    )
+    assert_same_image(image, expected)
+
+
+def test_bad_layout_fails_the_load_naming_the_parameter(parallel_server):
+    client = grpcclient.InferenceServerClient(parallel_server.grpc_url)
+    try:
+        with pytest.raises(Exception, match="ulysses_degree: 4 does not divide the 2 attention heads"):
+            client.load_model("flux_bad_ulysses")
+        assert client.is_model_ready("flux_cfg2")  # the server keeps serving
+    finally:
+        client.close()
