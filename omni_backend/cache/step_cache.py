@@ -219,7 +219,7 @@ class DiffusersStepCache(StepCache):
         self.settings = config
         self._diffusers_config = _diffusers_config(config, adapter)
         transformer.enable_cache(self._diffusers_config)
-        self._hooks = _hooks_with(transformer, _THRESHOLD_ATTRS.get(backend, ""))
+        self._hooks = _threshold_hooks(transformer, backend)
         self._keys: set[str] = set()
         self._probe_calls = 0
         adapter.probe(transformer).register_forward_hook(self._probed)
@@ -291,23 +291,19 @@ class DiffusersStepCache(StepCache):
         return set(self._keys)
 
 
-# The hook attribute holding the threshold, per backend: FBC's leader hook has .threshold,
-# MagCache's hooks share a config object with .threshold.
-_THRESHOLD_ATTRS = {"first_block_cache": "threshold", "mag_cache": "config"}
-
-
-def _hooks_with(transformer: torch.nn.Module, attribute: str) -> list[Any]:
+def _threshold_hooks(transformer: torch.nn.Module, backend: str) -> list[Any]:
+    """The hooks whose threshold a request may override: FBC's head hook (``.threshold``), MagCache's
+    head hook (``.config.threshold``, a config object its block hooks share)."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
     from diffusers.hooks.hooks import HookRegistry
+    from diffusers.hooks.mag_cache import MagCacheHeadHook
 
-    if not attribute:
+    kind = {"first_block_cache": FBCHeadBlockHook, "mag_cache": MagCacheHeadHook}.get(backend)
+    if kind is None:
         return []
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    return [
-        hook
-        for child in (registry, *registry._get_child_registries())
-        for hook in child.hooks.values()
-        if hasattr(hook, attribute) and getattr(hook, "_is_stateful", False)
-    ]
+    children = (registry, *registry._get_child_registries())
+    return [hook for child in children for hook in child.hooks.values() if isinstance(hook, kind)]
 
 
 def _diffusers_config(config: StepCacheConfig, adapter: StepCacheAdapter) -> Any:
