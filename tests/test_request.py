@@ -98,7 +98,7 @@ def test_video_defaults_and_values():
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"num_frames": np.int32(6)}, "num_frames: 6 is not 4k+1"),
+        ({"num_frames": np.int32(6)}, r"num_frames: 6 is not 4k\+1"),
         ({"num_frames": np.int32(0)}, r"num_frames: 0 is outside the allowed range \[1, 257\]"),
         ({"num_frames": np.float32(9)}, "num_frames: expected an integer"),
         ({"num_frames": np.int32(257), "height": np.int32(2048), "width": np.int32(2048)}, "num_frames x height"),
