@@ -14,7 +14,9 @@ COPY client ./client
 COPY model_repository ./model_repository
 # The image's python3 is the interpreter its Python backend stub embeds: install into it.
 RUN pip install --no-cache-dir . ./client \
-    && python3 -m omni_backend.testing.tiny --family flux --out /models/tiny-flux
+    && python3 -m omni_backend.testing.tiny --family flux --out /models/tiny-flux \
+    && python3 -m omni_backend.testing.tiny --family qwen_image --out /models/tiny-qwen-image \
+    && python3 -m omni_backend.testing.tiny --family wan22_t2v --out /models/tiny-wan22-t2v
 
 ENV OMNI_MODEL_ROOT=/models
 EXPOSE 8000 8001 8002
