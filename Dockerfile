@@ -18,6 +18,8 @@ COPY model_repository ./model_repository
 # build the demo checkpoint; the server itself runs as an unprivileged user that cannot change either.
 RUN pip install --no-cache-dir . ./client \
     && python3 -m omni_backend.testing.tiny --family flux --out /models/tiny-flux \
+    && python3 -m omni_backend.testing.tiny --family qwen_image --out /models/tiny-qwen-image \
+    && python3 -m omni_backend.testing.tiny --family wan22_t2v --out /models/tiny-wan22-t2v \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin omni
 
 USER omni

@@ -73,3 +73,38 @@ def test_prompt_required():
 
 def test_random_seed_when_absent_differs():
     assert len({parse().params.seed for _ in range(8)}) > 1
+
+
+VIDEO = SamplingDefaults(
+    height=480, width=832, num_inference_steps=50, guidance_scale=5.0, num_frames=81, frame_step=4,
+    takes_guidance_scale_2=True,
+)  # fmt: skip
+
+
+def parse_video(**inputs):
+    arrays = {"prompt": np.array([b"a cat"], dtype=object)}
+    arrays.update({k: np.array([v]) for k, v in inputs.items()})
+    return parse_prompt_request("r1", arrays, VIDEO, LIMITS).params
+
+
+def test_video_defaults_and_values():
+    p = parse_video()
+    assert (p.num_frames, p.guidance_scale, p.guidance_scale_2) == (81, 5.0, None)
+    p = parse_video(num_frames=np.int32(9), guidance_scale_2=np.float32(3.0))
+    assert (p.num_frames, p.guidance_scale_2) == (9, 3.0)
+    assert parse().params.num_frames == 1 and parse().params.guidance_scale_2 is None  # image families
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"num_frames": np.int32(6)}, r"num_frames: 6 is not 4k\+1"),
+        ({"num_frames": np.int32(0)}, r"num_frames: 0 is outside the allowed range \[1, 257\]"),
+        ({"num_frames": np.float32(9)}, "num_frames: expected an integer"),
+        ({"num_frames": np.int32(257), "height": np.int32(2048), "width": np.int32(2048)}, "num_frames x height"),
+        ({"guidance_scale_2": np.float32("nan")}, "guidance_scale_2: nan is not a finite number"),
+    ],
+)
+def test_bad_video_input_names_the_field(inputs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_video(**inputs)

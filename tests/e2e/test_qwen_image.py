@@ -9,13 +9,14 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
+from omni_client import OmniClient, StepUpdate
 from tests.e2e.conftest import PROTOCOLS, RawClient, repository_of, serving
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("qwen_image", "qwen_image_ensemble")
-STAGES = ("qwen_image_text_encoder", "qwen_image_transformer", "qwen_image_vae")
+STAGES = ("qwen_image_text_encoder", "qwen_image_transformer", "qwen_image_vae", "qwen_image_stream")
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,16 @@ def test_bad_size_is_invalid_arg_naming_the_field(client, model):
         client.infer(model, params("a cat", seed=1, width=np.int32(72)))  # not a multiple of 16
     assert status_is_invalid_arg(info.value), info.value.message()
     assert "width" in info.value.message() and "16" in info.value.message()
+
+
+def test_stream_sends_every_step_previews_then_the_image(qwen_server, qwen_image_reference):
+    updates: list[StepUpdate] = []
+    with OmniClient(qwen_server.grpc_url, protocol="grpc", model="qwen_image_stream") as client:
+        image = client.generate_stream(
+            "a red circle", preview_every=2, on_progress=updates.append, output="numpy",
+            height=64, width=96, num_inference_steps=5, seed=5,
+        )  # fmt: skip
+    assert [u.step for u in updates] == list(range(1, 6)) and {u.total_steps for u in updates} == {5}
+    previews = {u.step: np.asarray(u.preview) for u in updates if u.preview is not None}
+    assert sorted(previews) == [2, 4] and all(p.shape == (64, 96, 3) for p in previews.values())
+    assert_same_image(image, reference(qwen_image_reference, params("a red circle", seed=5, steps=5)))
