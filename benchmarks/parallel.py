@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds: dict[str, float] = {}
         for world in sorted({p.world_size for p in LAYOUTS.values()}):  # one spawn per world size
             names = [n for n, p in LAYOUTS.items() if p.world_size == world]
-            layouts = [LAYOUTS[n] for n in names for _ in range(args.repeats)]
-            runs = run_parallel("flux", checkpoint, cases, layouts, pin_cores=True)
+            jobs = [(LAYOUTS[n], cases) for n in names for _ in range(args.repeats)]
+            runs = run_parallel("flux", checkpoint, jobs, pin_cores=True)
             for i, name in enumerate(names):
                 seconds[name] = min(r.seconds for r in runs[i * args.repeats : (i + 1) * args.repeats])
     base = seconds["single"]

@@ -1,7 +1,7 @@
 """Run whole denoising loops over a parallel group of spawned CPU processes (gloo), for tests and benchmarks.
 
 ``run_parallel(...)`` spawns ``world`` ranks; each loads the transformer stage from the checkpoint,
-enables each parallel layout of ``layouts`` in turn, prepares the same requests from the same
+enables the parallel layout of each job in turn, prepares the same requests from the same
 conditioning and runs every step through ``ParallelDenoiser``. Rank 0 sends back the final latents
 (the layout ``decode`` takes) and the seconds the loop took.
 """
@@ -34,10 +34,11 @@ class LoopResult:
     seconds: float  # the denoising loop alone (prepare and load excluded)
 
 
+Cases = list[tuple[DiffusionRequest, Conditioning]]  # requests with their text conditioning
+
+
 def denoise_loop(
-    stages: PipelineStages,
-    denoise: Callable[[Sequence[DenoiseState]], list[torch.Tensor]],
-    cases: Sequence[tuple[DiffusionRequest, Conditioning]],
+    stages: PipelineStages, denoise: Callable[[Sequence[DenoiseState]], list[torch.Tensor]], cases: Cases
 ) -> LoopResult:
     """All requests in one batch from the first step; finished ones leave, as the step scheduler does."""
     states = [stages.prepare(request, cond) for request, cond in cases]
@@ -62,8 +63,7 @@ def _rank_main(
     port: int,
     family: str,
     checkpoint: str,
-    cases: list[tuple[DiffusionRequest, Conditioning]],
-    layouts: list[ParallelConfig],
+    jobs: list[tuple[ParallelConfig, Cases]],
     results: mp.Queue,
     pin_cores: bool,
 ) -> None:
@@ -73,7 +73,7 @@ def _rank_main(
     device = torch.device("cpu")
     init_process_group(rank, world, device, f"tcp://127.0.0.1:{port}", timeout_s=120)
     try:
-        for parallel in layouts:
+        for parallel, cases in jobs:
             stages = load_transformer_stage(family, checkpoint)
             spec = resolve_spec(family)
             validate_parallel(parallel, spec, dict(spec.transformer(stages).config), device)
@@ -87,22 +87,18 @@ def _rank_main(
 
 
 def run_parallel(
-    family: str,
-    checkpoint: str,
-    cases: list[tuple[DiffusionRequest, Conditioning]],
-    layouts: list[ParallelConfig],
-    pin_cores: bool = False,
+    family: str, checkpoint: str, jobs: list[tuple[ParallelConfig, Cases]], pin_cores: bool = False
 ) -> list[LoopResult]:
-    """One LoopResult per layout (all layouts must have the same world size)."""
-    world = layouts[0].world_size
-    if any(p.world_size != world for p in layouts):
+    """One LoopResult per (layout, requests) job, run in turn by one spawned group (one world size)."""
+    world = jobs[0][0].world_size
+    if any(p.world_size != world for p, _ in jobs):
         raise ValueError("all layouts of one run_parallel call need the same world size")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    args = (world, free_port(), family, checkpoint, cases, layouts, results, pin_cores)
+    args = (world, free_port(), family, checkpoint, jobs, results, pin_cores)
     procs = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
     collected: list[LoopResult] = []
-    while len(collected) < len(layouts):
+    while len(collected) < len(jobs):
         try:
             seconds, latents = results.get(timeout=1.0)
             collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))
