@@ -39,6 +39,7 @@ class ParallelDenoiser:
 
     def __init__(self, stages: PipelineStages, spec: ParallelSpec, groups: ParallelGroups):
         self.stages: RowStages = stages  # type: ignore[assignment]
+        self.spec = spec
         self.groups = groups
         self.transformer = spec.transformer(stages)
         apply_model_parallel(self.transformer, groups)
@@ -53,9 +54,17 @@ class ParallelDenoiser:
         if self.pipeline is not None:
             noise = self.pipeline.forward([self.stages.transformer_inputs([row]) for row in mine])
         else:
-            noise = self.transformer(**self.stages.transformer_inputs(mine))[0]
+            noise = self._transformer(self.stages.transformer_inputs(mine))
         if cfg_ranks > 1:
             parts = [torch.empty_like(noise) for _ in range(cfg_ranks)]
             dist.all_gather(parts, noise.contiguous(), group=self.groups.group("cfg"))
             noise = torch.cat(parts)[: len(rows)]
         return self.stages.combine_rows(states, noise)
+
+    def _transformer(self, inputs: dict) -> torch.Tensor:
+        ulysses, ring = self.groups.size("ulysses"), self.groups.size("ring")
+        if ulysses * ring == 1:
+            return self.transformer(**inputs)[0]
+        inputs, length = self.spec.pad_sequences(inputs, ulysses, ring, self.groups.local_rank("ulysses"))
+        return self.transformer(**inputs)[0][:, :length]
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,7 @@ def build_groups(parallel: ParallelConfig, device: torch.device) -> ParallelGrou
 
 
 def free_port() -> int:
-    import socket
-
+    """A free TCP port for the group's rendezvous (rank 0 binds it right after)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

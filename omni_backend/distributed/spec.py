@@ -57,6 +57,11 @@ class ParallelSpec(Protocol):
     @staticmethod
     def head(transformer: torch.nn.Module, carry: Carry) -> torch.Tensor: ...
 
+    @staticmethod
+    def pad_sequences(
+        inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
+    ) -> tuple[dict[str, Any], int]: ...
+
 
 def resolve_spec(family: str) -> ParallelSpec:
     try:

@@ -57,3 +57,43 @@ class FluxParallelSpec:
     @staticmethod
     def head(transformer: FluxTransformer2DModel, carry: Carry) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(carry.hidden, carry.extras["temb"]))
+
+    @staticmethod
+    def pad_sequences(inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int) -> tuple[dict[str, Any], int]:
+        """Pad text and image tokens to multiples of the sequence degree; mask the padded keys.
+
+        diffusers' CP hooks split each sequence into equal chunks, and its uneven variants
+        (``ulysses_anything``) all-gather chunks of different sizes, which gloo cannot. So we pad and
+        pass this rank's chunk of a key mask; Ulysses all-gathers local masks itself. Ring attention
+        reuses one mask for every key chunk of the ring, so it cannot mask padding: uneven lengths
+        with ``ring_degree`` > 1 fail the request. Returns the inputs and the real image length.
+        """
+        degree = ulysses * ring
+        text, image = inputs["encoder_hidden_states"].shape[1], inputs["hidden_states"].shape[1]
+        text_pad, image_pad = -text % degree, -image % degree
+        if not text_pad and not image_pad:
+            return inputs, image
+        if ring > 1:
+            raise ValueError(
+                f"ring_degree {ring}: {text} text and {image} image tokens must be multiples of "
+                f"ulysses_degree x ring_degree = {degree} (ring attention cannot mask padding)"
+            )
+
+        def pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+        padded = dict(inputs)
+        padded["encoder_hidden_states"] = pad(inputs["encoder_hidden_states"], text_pad, 1)
+        padded["txt_ids"] = pad(inputs["txt_ids"], text_pad, 0)
+        padded["hidden_states"] = pad(inputs["hidden_states"], image_pad, 1)
+        padded["img_ids"] = pad(inputs["img_ids"], image_pad, 0)
+        # this rank's chunk of each stream, in the processor's [text, image] order
+        text_chunk, image_chunk = (text + text_pad) // degree, (image + image_pad) // degree
+        text_pos = torch.arange(text_chunk) + ulysses_rank * text_chunk
+        image_pos = torch.arange(image_chunk) + ulysses_rank * image_chunk
+        keep = torch.cat([text_pos < text, image_pos < image]).to(inputs["hidden_states"].device)
+        padded["joint_attention_kwargs"] = {"attention_mask": keep.expand(inputs["hidden_states"].shape[0], -1)}
+        return padded, image
+

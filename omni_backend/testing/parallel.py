@@ -1,7 +1,7 @@
 """Run whole denoising loops over a parallel group of spawned CPU processes (gloo), for tests and benchmarks.
 
 ``run_parallel(...)`` spawns ``world`` ranks; each loads the transformer stage from the checkpoint,
-enables each parallel layout of ``layouts`` in turn, prepares the same requests from the same
+enables the parallel layout of each job in turn, prepares the same requests from the same
 conditioning and runs every step through ``ParallelDenoiser``. Rank 0 sends back the final latents
 (the layout ``decode`` takes) and the seconds the loop took.
 """
@@ -34,10 +34,11 @@ class LoopResult:
     seconds: float  # the denoising loop alone (prepare and load excluded)
 
 
+Cases = list[tuple[DiffusionRequest, Conditioning]]  # requests with their text conditioning
+
+
 def denoise_loop(
-    stages: PipelineStages,
-    denoise: Callable[[Sequence[DenoiseState]], list[torch.Tensor]],
-    cases: Sequence[tuple[DiffusionRequest, Conditioning]],
+    stages: PipelineStages, denoise: Callable[[Sequence[DenoiseState]], list[torch.Tensor]], cases: Cases
 ) -> LoopResult:
     """All requests in one batch from the first step; finished ones leave, as the step scheduler does."""
     states = [stages.prepare(request, cond) for request, cond in cases]
@@ -56,14 +57,18 @@ def load_transformer_stage(family: str, checkpoint: str) -> PipelineStages:
     )
 
 
+def _put(results: mp.Queue, result: LoopResult) -> None:
+    # numpy pickles by value: a tensor would travel as a file descriptor that dies with this rank
+    results.put((result.seconds, [x.numpy() for x in result.latents]))
+
+
 def _rank_main(
     rank: int,
     world: int,
     port: int,
     family: str,
     checkpoint: str,
-    cases: list[tuple[DiffusionRequest, Conditioning]],
-    layouts: list[ParallelConfig],
+    jobs: list[tuple[ParallelConfig | None, Cases]],
     results: mp.Queue,
     pin_cores: bool,
 ) -> None:
@@ -71,38 +76,45 @@ def _rank_main(
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    init_process_group(rank, world, device, f"tcp://127.0.0.1:{port}", timeout_s=120)
+    init_process_group(rank, world, device, f"tcp://127.0.0.1:{port}", timeout_s=900)
     try:
-        for parallel in layouts:
+        for parallel, cases in jobs:
             stages = load_transformer_stage(family, checkpoint)
+            if parallel is None:  # the baseline: rank 0 alone and in-process while the others wait
+                dist.barrier()
+                if rank == 0:
+                    _put(results, denoise_loop(stages, stages.denoise, cases))
+                dist.barrier()
+                continue
             spec = resolve_spec(family)
             validate_parallel(parallel, spec, dict(spec.transformer(stages).config), device)
             denoiser = ParallelDenoiser(stages, spec, build_groups(parallel, device))
             dist.barrier()
             result = denoise_loop(stages, denoiser.denoise, cases)
-            if rank == 0:  # numpy pickles by value: a tensor would travel as an fd that dies with this rank
-                results.put((result.seconds, [x.numpy() for x in result.latents]))
+            if rank == 0:
+                _put(results, result)
     finally:
         dist.destroy_process_group()
 
 
 def run_parallel(
-    family: str,
-    checkpoint: str,
-    cases: list[tuple[DiffusionRequest, Conditioning]],
-    layouts: list[ParallelConfig],
-    pin_cores: bool = False,
+    family: str, checkpoint: str, jobs: list[tuple[ParallelConfig | None, Cases]], pin_cores: bool = False
 ) -> list[LoopResult]:
-    """One LoopResult per layout (all layouts must have the same world size)."""
-    world = layouts[0].world_size
-    if any(p.world_size != world for p in layouts):
-        raise ValueError("all layouts of one run_parallel call need the same world size")
+    """One LoopResult per (layout, requests) job, run in turn by one spawned group (one world size).
+
+    A ``None`` layout is the single-process baseline, run by rank 0 alone inside the same group (so a
+    benchmark can interleave it with the parallel runs on a machine whose load changes).
+    """
+    worlds = {p.world_size for p, _ in jobs if p is not None}
+    if len(worlds) != 1:
+        raise ValueError("the layouts of one run_parallel call need one world size")
+    world = worlds.pop()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    args = (world, free_port(), family, checkpoint, cases, layouts, results, pin_cores)
+    args = (world, free_port(), family, checkpoint, jobs, results, pin_cores)
     procs = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
     collected: list[LoopResult] = []
-    while len(collected) < len(layouts):
+    while len(collected) < len(jobs):
         try:
             seconds, latents = results.get(timeout=1.0)
             collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))

@@ -23,17 +23,21 @@ CASES = [
     ("a red circle on a blue background", 1, None, 1.0, 2),
 ]
 SIZE = 64
+UNEVEN = 48  # 3 x 3 = 9 image tokens: not a multiple of 2 or 4 ranks
 LAYOUTS_2 = {
     "cfg2": ParallelConfig(cfg_parallel_size=2),
     "ulysses2": ParallelConfig(ulysses_degree=2),
     "ring2": ParallelConfig(ring_degree=2),
     "tp2": ParallelConfig(tensor_parallel_size=2),
     "pp2": ParallelConfig(pipeline_parallel_size=2),
+    "ulysses2_uneven": ParallelConfig(ulysses_degree=2),
 }
 LAYOUTS_4 = {
     "ulysses2_ring2": ParallelConfig(ulysses_degree=2, ring_degree=2),
     "cfg2_ulysses2": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
+    "cfg2_ulysses2_uneven": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
 }
+SIZES = {"ulysses2_uneven": UNEVEN, "cfg2_ulysses2_uneven": UNEVEN}
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +45,30 @@ def flux(tiny_flux) -> FluxStages:
     return FluxStages.load(str(tiny_flux), Component.ALL, torch.float32, torch.device("cpu"), FluxOptions())
 
 
-@pytest.fixture(scope="module")
-def cases(flux):
+def make_cases(flux: FluxStages, size: int):
     requests = [
-        DiffusionRequest(str(i), SamplingParams(SIZE, SIZE, steps, 3.5, cfg, seed), prompt=p, negative_prompt=neg)
+        DiffusionRequest(str(i), SamplingParams(size, size, steps, 3.5, cfg, seed), prompt=p, negative_prompt=neg)
         for i, (p, seed, neg, cfg, steps) in enumerate(CASES)
     ]
     return list(zip(requests, flux.encode(requests), strict=True))
 
 
 @pytest.fixture(scope="module")
+def cases(flux):
+    return {size: make_cases(flux, size) for size in (SIZE, UNEVEN)}
+
+
+@pytest.fixture(scope="module")
 def single(flux, cases):
-    return denoise_loop(flux, flux.denoise, cases).latents
+    return {size: denoise_loop(flux, flux.denoise, sized).latents for size, sized in cases.items()}
 
 
 @pytest.fixture(scope="module")
 def parallel_runs(tiny_flux, cases) -> dict:
     runs = {}
     for layouts in (LAYOUTS_2, LAYOUTS_4):
-        results = run_parallel("flux", str(tiny_flux), cases, list(layouts.values()))
+        jobs = [(layout, cases[SIZES.get(name, SIZE)]) for name, layout in layouts.items()]
+        results = run_parallel("flux", str(tiny_flux), jobs)
         runs.update(zip(layouts, results, strict=True))
     return runs
 
@@ -68,13 +77,14 @@ def parallel_runs(tiny_flux, cases) -> dict:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [*LAYOUTS_2, *LAYOUTS_4])
 def test_layout_matches_single_process(layout, parallel_runs, single, flux, flux_reference):
+    size = SIZES.get(layout, SIZE)
     got = parallel_runs[layout].latents
-    for i, (expected, actual) in enumerate(zip(single, got, strict=True)):
+    for i, (expected, actual) in enumerate(zip(single[size], got, strict=True)):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4, msg=f"request {i} under {layout}")
     images = flux.decode(got)
     for (prompt, seed, negative, cfg, steps), image in zip(CASES, images, strict=True):
         reference = flux_reference(
-            prompt, seed, negative_prompt=negative, true_cfg_scale=cfg, height=SIZE, width=SIZE,
+            prompt, seed, negative_prompt=negative, true_cfg_scale=cfg, height=size, width=size,
             num_inference_steps=steps,
         )  # fmt: skip
         assert_same_image(image, reference)

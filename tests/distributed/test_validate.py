@@ -60,3 +60,24 @@ def test_blocks_split_contiguous_and_balanced():
     assert split_blocks(5, 2) == [range(0, 3), range(3, 5)]
     assert split_blocks(2, 2) == [range(0, 1), range(1, 2)]
     assert [len(r) for r in split_blocks(57, 4)] == [15, 14, 14, 14]
+
+
+def _inputs(text: int, image: int) -> dict:
+    return {
+        "encoder_hidden_states": torch.zeros(1, text, 32), "txt_ids": torch.zeros(text, 3),
+        "hidden_states": torch.ones(1, image, 64), "img_ids": torch.ones(image, 3),
+    }  # fmt: skip
+
+
+def test_uneven_sequences_are_padded_and_this_ranks_padding_masked():
+    padded, length = resolve_spec("flux").pad_sequences(_inputs(8, 9), ulysses=2, ring=1, ulysses_rank=1)
+    assert length == 9 and padded["hidden_states"].shape == (1, 10, 64) and padded["img_ids"].shape == (10, 3)
+    mask = padded["joint_attention_kwargs"]["attention_mask"]  # rank 1: text tokens 4..7, image tokens 5..9
+    assert mask.tolist() == [[True] * 4 + [True] * 4 + [False]]
+
+
+def test_even_sequences_pass_unchanged_and_uneven_ring_fails_naming_it():
+    inputs = _inputs(8, 16)
+    assert resolve_spec("flux").pad_sequences(inputs, ulysses=2, ring=2, ulysses_rank=0) == (inputs, 16)
+    with pytest.raises(ValueError, match="^ring_degree 2: 8 text and 9 image tokens"):
+        resolve_spec("flux").pad_sequences(_inputs(8, 9), ulysses=1, ring=2, ulysses_rank=0)
