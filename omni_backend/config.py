@@ -239,6 +239,10 @@ def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any
     if accel.offload == "layerwise" and accel.compile != "none":
         # group-offloading hooks move weights inside the compiled blocks' forward: graph breaks every block
         raise ConfigError("compile: 'regional' cannot be combined with offload: layerwise")
+    if accel.offload == "layerwise" and accel.cache_backend == "tea_cache":
+        # its skip path runs the transformer's embedders and output head outside the transformer's
+        # forward, where the group-offloading hooks would not have onloaded them
+        raise ConfigError("cache_backend: 'tea_cache' cannot be combined with offload: layerwise")
     if accel.prompt_embed_cache_size < 1:
         raise ConfigError(f"prompt_embed_cache_size: must be at least 1, got {accel.prompt_embed_cache_size}")
     if accel.compile_warmup_sizes and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", accel.compile_warmup_sizes):

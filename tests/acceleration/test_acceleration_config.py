@@ -53,6 +53,7 @@ def test_cache_config_json_becomes_typed_settings():
         ({"offload": "layerwise", "offload_window": "0"}, "offload_window"),
         ({"offload": "layerwise", "compile": "regional"}, "compile"),
         ({"compile": "full"}, "compile"),
+        ({"offload": "layerwise", "cache_backend": "tea_cache"}, "cache_backend"),
         ({"compile_warmup_sizes": "64,64"}, "compile_warmup_sizes"),
         ({"enable_prompt_embed_cache": "maybe"}, "enable_prompt_embed_cache"),
         ({"prompt_embed_cache_size": "0"}, "prompt_embed_cache_size"),
