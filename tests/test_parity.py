@@ -101,3 +101,9 @@ def test_max_num_seqs_one_runs_requests_one_at_a_time(stages):
     requests = [make(i, *case) for i, case in enumerate(CASES)]
     _, calls = run(stages, requests, max_num_seqs=1)
     assert calls == sum(case[4] for case in CASES)
+
+
+def test_default_size_is_the_checkpoints(stages):
+    """Requests without height/width get the size the checkpoint's VAE declares (tiny: 64; FLUX.1: 1024)."""
+    assert stages.pipe.vae.config.sample_size == 64
+    assert (stages.defaults.height, stages.defaults.width) == (64, 64)

@@ -55,6 +55,10 @@ class FluxStages(PipelineStages):
         vae_config = pipe.vae.config if pipe.vae is not None else AutoencoderKL.load_config(checkpoint, subfolder="vae")
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.latent_channels = vae_config["latent_channels"]
+        # The size the checkpoint was made for: FLUX.1's VAE says 1024, the 64x64 demo model 64.
+        # (FluxPipeline's own default, 128 latents x 8 = 1024, ignores the checkpoint.)
+        sample_size = vae_config["sample_size"]
+        self.default_size = int(sample_size if isinstance(sample_size, int) else sample_size[0])
         pipe.vae_scale_factor = self.vae_scale_factor
         transformer_config = (
             pipe.transformer.config
@@ -84,10 +88,9 @@ class FluxStages(PipelineStages):
 
     @property
     def defaults(self) -> SamplingDefaults:
-        size = self.pipe.default_sample_size * self.vae_scale_factor
         return SamplingDefaults(
-            height=size,
-            width=size,
+            height=self.default_size,
+            width=self.default_size,
             num_inference_steps=28,
             guidance_scale=3.5,
             true_cfg_scale=1.0,

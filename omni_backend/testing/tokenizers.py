@@ -118,18 +118,19 @@ def learn_bpe(words: Iterable[tuple[str, ...]], num_merges: int) -> list[tuple[t
     return merges
 
 
-def build_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
+def build_clip_tokenizer(vocab_size: int = 1000, corpus: Iterable[str] = CORPUS) -> CLIPTokenizer:
     """Byte-level BPE with CLIP's conventions (lowercase, ``</w>`` suffix, 77 tokens).
 
     Vocabulary layout mirrors openai/clip: 256 byte symbols, the same with ``</w>``, the
     merges, then ``<|startoftext|>`` and ``<|endoftext|>`` as the two highest ids (CLIP's
     text model pools at the eos position). Every byte is in the vocabulary, so any unicode
-    text (emoji, CJK, ...) tokenizes without unknown tokens.
+    text (emoji, CJK, ...) tokenizes without unknown tokens. ``corpus`` is what the merges are
+    learned from (the demo model adds its captions so that each of their words is one token).
     """
     template = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer + pre-tokenizer
     words = [
         (*piece[:-1], piece[-1] + "</w>")
-        for text in CORPUS
+        for text in corpus
         for piece, _ in template.pre_tokenizer.pre_tokenize_str(template.normalizer.normalize_str(text))
     ]
     byte_syms = _bytes_to_unicode()
@@ -142,7 +143,7 @@ def build_clip_tokenizer(vocab_size: int = 1000) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_t5_tokenizer(vocab_size: int = 500) -> T5TokenizerFast:
+def build_t5_tokenizer(vocab_size: int = 500, corpus: Iterable[str] = CORPUS) -> T5TokenizerFast:
     """Unigram tokenizer with T5's conventions (``<pad>``=0, ``</s>``=1, ``<unk>``=2, 512 tokens).
 
     Pieces are the characters (printable ASCII + corpus) and the BPE merges of ``▁``-prefixed
@@ -150,7 +151,7 @@ def build_t5_tokenizer(vocab_size: int = 500) -> T5TokenizerFast:
     ``<unk>`` (as with real T5). No sentinel ``<extra_id_*>`` tokens (``extra_ids=0``).
     """
     template = T5TokenizerFast(extra_ids=0).backend_tokenizer  # T5's Metaspace pre-tokenizer
-    words = [tuple(piece) for text in CORPUS for piece, _ in template.pre_tokenizer.pre_tokenize_str(text)]
+    words = [tuple(piece) for text in corpus for piece, _ in template.pre_tokenizer.pre_tokenize_str(text)]
     freq: Counter[str] = Counter({c: 1 for c in _ASCII})  # add-one so unseen ASCII is still known
     freq.update(c for word in words for c in word)
     merges = learn_bpe(words, vocab_size - 3 - len(freq))

@@ -1,0 +1,130 @@
+"""Quality check of the demo checkpoint: does it draw what the prompt asks for?
+
+    python -m omni_backend.demo.quality --checkpoint DIR [--n 100] [--steps 20] [--seed 0] [--grid FILE.png]
+    python -m omni_backend.demo.quality --url localhost:8001 [--protocol grpc] [--model flux] ...
+
+For ``n`` random captions of the grammar, each with a random seed, it renders a 64x64 picture
+(in-process with diffusers' ``FluxPipeline``, or through a served model with ``omni_client``) and
+reads it back with the data set's classifiers (``shapes.classify``): background, shape color and
+shape. Prints the three accuracies; ``--grid`` also saves the first pictures as a captioned grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from omni_backend.demo.shapes import SIZE, Accuracy, Reading, Scene, random_scene
+
+Render = Callable[[str, int], np.ndarray]  # (prompt, seed) -> uint8 [H, W, 3]
+
+
+def local_renderer(checkpoint: str | Path, steps: int) -> Render:
+    """diffusers' own FluxPipeline on the CPU in float32, as the served model computes it."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from omni_backend.demo.train import MAX_SEQUENCE_LENGTH
+
+    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(prompt: str, seed: int) -> np.ndarray:
+        image = pipe(
+            prompt,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=steps,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+        return np.asarray(image)
+
+    return render
+
+
+def served_renderer(url: str, protocol: str, model: str, steps: int) -> Render:
+    """The same request through a running tritonserver (no height/width: the model's default is 64)."""
+    from omni_client import OmniClient
+
+    client = OmniClient(url, protocol=protocol, model=model)
+
+    def render(prompt: str, seed: int) -> np.ndarray:
+        return client.generate(prompt, num_inference_steps=steps, seed=seed, output="numpy")
+
+    return render
+
+
+@dataclass
+class Report:
+    accuracy: Accuracy = field(default_factory=Accuracy)
+    samples: list[tuple[Scene, np.ndarray, Reading]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluate(render: Render, n: int, seed: int) -> Report:
+    """Render ``n`` random captions with random seeds (both drawn from ``seed``) and score them."""
+    rng = np.random.default_rng(seed)
+    report = Report()
+    start = time.perf_counter()
+    for _ in range(n):
+        scene = random_scene(rng)
+        image = render(scene.caption, int(rng.integers(2**31)))
+        report.samples.append((scene, image, report.accuracy.add(scene, image)))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def save_grid(samples: list[tuple[Scene, np.ndarray, Reading]], path: Path, columns: int = 6) -> None:
+    """Pictures at 2x with their prompt underneath (red text where a classifier disagrees)."""
+    width, height = 150, 2 * SIZE + 34  # room for "purple triangle" / "orange background"
+    rows = (len(samples) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (scene, image, reading) in enumerate(samples):
+        x, y = (i % columns) * width, (i // columns) * height
+        picture = Image.fromarray(image).resize((2 * SIZE, 2 * SIZE), Image.NEAREST)
+        grid.paste(picture, (x + (width - 2 * SIZE) // 2, y + 2))
+        ok = (reading.background, reading.color, reading.shape) == (scene.background, scene.color, scene.shape)
+        for line, text in enumerate((f"{scene.color} {scene.shape}", f"on {scene.background}")):
+            draw.text((x + (width - 2 * SIZE) // 2, y + 2 * SIZE + 4 + 13 * line), text, fill="black" if ok else "red")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m omni_backend.demo.quality", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="render in-process with diffusers' FluxPipeline")
+    source.add_argument("--url", help="render through a served model, e.g. localhost:8001")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--model", default="flux", help="served model name (default flux)")
+    parser.add_argument("--n", type=int, default=100, help="number of prompts (default 100)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds (default 0)")
+    parser.add_argument("--grid", type=Path, help="save the first --grid-count pictures here (PNG)")
+    parser.add_argument("--grid-count", type=int, default=24)
+    args = parser.parse_args(argv)
+    if args.checkpoint is not None:
+        render = local_renderer(args.checkpoint, args.steps)
+    else:
+        render = served_renderer(args.url, args.protocol, args.model, args.steps)
+    report = evaluate(render, args.n, args.seed)
+    if args.grid is not None:
+        save_grid(report.samples[: args.grid_count], args.grid)
+    rates = report.accuracy.rates()
+    where = args.checkpoint or f"{args.model} at {args.url} ({args.protocol})"
+    print(f"{args.n} prompts, {args.steps} steps, seed {args.seed}, {where}: {report.seconds / args.n:.2f} s/image")
+    print("  ".join(f"{name} accuracy {rate:.0%}" for name, rate in rates.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

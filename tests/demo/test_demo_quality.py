@@ -1,0 +1,41 @@
+"""The quality check's bookkeeping, with the data set's own pictures standing in for a model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from omni_backend.demo import shapes
+from omni_backend.demo.quality import evaluate, save_grid
+
+
+def draw_the_caption(prompt: str, seed: int) -> np.ndarray:
+    return shapes.render(shapes.Scene.parse(prompt), np.random.default_rng(seed))
+
+
+def test_a_perfect_model_scores_100_and_prompts_follow_the_seed() -> None:
+    report = evaluate(draw_the_caption, n=40, seed=5)
+    assert report.accuracy.rates() == {"background": 1.0, "color": 1.0, "shape": 1.0}
+    again = evaluate(draw_the_caption, n=40, seed=5)
+    assert [s for s, _, _ in again.samples] == [s for s, _, _ in report.samples]
+    assert len({s for s, _, _ in report.samples}) > 30  # random captions, not one repeated
+
+
+def test_a_model_ignoring_the_prompt_scores_low() -> None:
+    def always_red_square(prompt: str, seed: int) -> np.ndarray:
+        return draw_the_caption("a red square on a blue background", seed)
+
+    rates = evaluate(always_red_square, n=60, seed=0).accuracy.rates()
+    assert all(rate < 0.5 for rate in rates.values()), rates
+
+
+def test_grid_has_one_cell_per_picture(tmp_path: Path) -> None:
+    report = evaluate(draw_the_caption, n=8, seed=0)
+    save_grid(report.samples, tmp_path / "grid.png", columns=4)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (4 * 150, 2 * (2 * 64 + 34))
+    # the first picture sits in the top-left cell, at 2x
+    first = np.asarray(grid)[2 : 2 + 128 : 2, 11 : 11 + 128 : 2]
+    assert np.array_equal(first, report.samples[0][1])
