@@ -46,7 +46,7 @@ FAMILIES = {
 }
 
 
-def grpc_inputs(size: int, steps: int, seed: int, frames: int | None) -> list[grpcclient.InferInput]:
+def grpc_inputs(size: int, steps: int, seed: int, frames: int | None = None) -> list[grpcclient.InferInput]:
     values = [
         ("prompt", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
         ("height", np.array([[size]], np.int32), "INT32"),

@@ -64,7 +64,7 @@ class ParallelDenoiser:
     def _transformer(self, inputs: dict) -> torch.Tensor:
         ulysses, ring = self.groups.size("ulysses"), self.groups.size("ring")
         if ulysses * ring == 1:
-            return self.transformer(**inputs)[0]
+            return self.transformer(**inputs, return_dict=False)[0]
         inputs, length = self.spec.pad_sequences(inputs, ulysses, ring, self.groups.local_rank("ulysses"))
-        return self.transformer(**inputs)[0][:, :length]
+        return self.transformer(**inputs, return_dict=False)[0][:, :length]
 
