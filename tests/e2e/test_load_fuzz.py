@@ -203,7 +203,7 @@ def send(server, protocol: str, inputs: list[tuple[str, str, np.ndarray]]):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e308 as FP32 is inf: wanted
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(inputs=st.lists(fuzzed_input(), max_size=6, unique_by=lambda x: x[0]))
 def test_fuzzed_inputs_always_get_an_answer_and_the_server_stays_ready(server, protocol, inputs):
