@@ -146,3 +146,26 @@ class PipelineStages(ABC):
     @abstractmethod
     def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
         """Decode latents of equal shape in one VAE pass; uint8 [H, W, 3] (video: [frames, H, W, 3]) each."""
+
+
+def load_pipeline(
+    pipeline_cls: Any,
+    checkpoint: str,
+    components: Component,
+    dtype: torch.dtype,
+    device: torch.device,
+    text_modules: Sequence[str] = ("text_encoder", "tokenizer"),
+    transformer_modules: Sequence[str] = ("transformer",),
+) -> Any:
+    """``pipeline_cls.from_pretrained`` loading only ``components`` (an ensemble stage loads one), on ``device``."""
+    skip: dict[str, None] = {}
+    if Component.TEXT_ENCODER not in components:
+        skip.update(dict.fromkeys(text_modules))
+    if Component.TRANSFORMER not in components:
+        skip.update(dict.fromkeys(transformer_modules))
+    if Component.VAE not in components:
+        skip["vae"] = None
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

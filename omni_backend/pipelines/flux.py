@@ -22,7 +22,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 _TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -74,16 +74,7 @@ class FluxStages(PipelineStages):
     ) -> FluxStages:
         if not 1 <= options.max_sequence_length <= 512:
             raise ConfigError(f"max_sequence_length: {options.max_sequence_length} is outside [1, 512]")
-        skip: dict[str, None] = {}
-        if Component.TEXT_ENCODER not in components:
-            skip.update(dict.fromkeys(_TEXT_MODULES))
-        if Component.TRANSFORMER not in components:
-            skip["transformer"] = None
-        if Component.VAE not in components:
-            skip["vae"] = None
-        pipe = FluxPipeline.from_pretrained(checkpoint, dtype=dtype, **skip)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(FluxPipeline, checkpoint, components, dtype, device, text_modules=_TEXT_MODULES)
         return cls(pipe, checkpoint, options, device)
 
     @property

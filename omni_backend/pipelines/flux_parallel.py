@@ -96,4 +96,3 @@ class FluxParallelSpec:
         keep = torch.cat([text_pos < text, image_pos < image]).to(inputs["hidden_states"].device)
         padded["joint_attention_kwargs"] = {"attention_mask": keep.expand(inputs["hidden_states"].shape[0], -1)}
         return padded, image
-

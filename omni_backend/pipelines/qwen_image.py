@@ -29,7 +29,7 @@ from diffusers import (
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays, pad_sequences, tensor_from_array
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
 
@@ -82,22 +82,8 @@ class QwenImageStages(PipelineStages):
             raise ConfigError(
                 f"max_sequence_length: {options.max_sequence_length} is outside [1, {MAX_SEQUENCE_LENGTH}]"
             )
-        skip: dict[str, None] = {}
-        if Component.TEXT_ENCODER not in components:
-            skip.update(text_encoder=None, tokenizer=None, **cls.extra_text_modules())
-        if Component.TRANSFORMER not in components:
-            skip["transformer"] = None
-        if Component.VAE not in components:
-            skip["vae"] = None
-        pipe = cls.pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(cls.pipeline_cls, checkpoint, components, dtype, device)
         return cls(pipe, checkpoint, options, device)
-
-    @classmethod
-    def extra_text_modules(cls) -> dict[str, None]:
-        """Modules beyond text_encoder / tokenizer that only the text-encoder stage needs."""
-        return {}
 
     @property
     def defaults(self) -> SamplingDefaults:

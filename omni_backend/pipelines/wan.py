@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays, tensor_from_array
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
 
@@ -80,22 +80,15 @@ class WanT2VStages(PipelineStages):
             raise ConfigError(
                 f"max_sequence_length: {options.max_sequence_length} is outside [1, {MAX_SEQUENCE_LENGTH}]"
             )
-        skip: dict[str, None] = {}
-        if Component.TEXT_ENCODER not in components:
-            skip.update(text_encoder=None, tokenizer=None, **cls.extra_text_modules())
-        if Component.TRANSFORMER not in components:
-            skip.update(transformer=None, transformer_2=None)
-        if Component.VAE not in components:
-            skip["vae"] = None
-        pipe = cls.pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(
+            cls.pipeline_cls,
+            checkpoint,
+            components,
+            dtype,
+            device,
+            transformer_modules=("transformer", "transformer_2"),
+        )
         return cls(pipe, checkpoint, options, device)
-
-    @classmethod
-    def extra_text_modules(cls) -> dict[str, None]:
-        """Modules beyond text_encoder / tokenizer that only the text-encoder stage needs."""
-        return {}
 
     @property
     def defaults(self) -> SamplingDefaults:
