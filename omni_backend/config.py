@@ -62,7 +62,8 @@ class AccelerationConfig:
     enable_prompt_embed_cache: bool = False  # LRU of text-encoder outputs keyed on prompts + encoder params
     prompt_embed_cache_size: int = 64  # entries (one per prompt / negative prompt / encoder params)
     compile: str = "none"  # "none" or "regional": torch.compile the transformer's repeated blocks
-    compile_warmup_sizes: str = ""  # "HxW,HxW" warmed at load ("" : the model's default size)
+    # "HxW,HxW" run at load before READY (runner/warmup.py); "": none (with compile: the default size)
+    warmup_sizes: str = ""
     vae_tiling: bool = False  # decode large images tile by tile
     vae_slicing: bool = False  # decode a batch one image at a time
 
@@ -245,8 +246,8 @@ def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any
         raise ConfigError("cache_backend: 'tea_cache' cannot be combined with offload: layerwise")
     if accel.prompt_embed_cache_size < 1:
         raise ConfigError(f"prompt_embed_cache_size: must be at least 1, got {accel.prompt_embed_cache_size}")
-    if accel.compile_warmup_sizes and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", accel.compile_warmup_sizes):
-        raise ConfigError(f"compile_warmup_sizes: {accel.compile_warmup_sizes!r} is not 'HxW[,HxW...]'")
+    if accel.warmup_sizes and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", accel.warmup_sizes):
+        raise ConfigError(f"warmup_sizes: {accel.warmup_sizes!r} is not 'HxW[,HxW...]'")
     return accel, parse_cache_config(accel.cache_backend, accel.cache_config)
 
 

@@ -83,8 +83,12 @@ class PipelineStages(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support step caches")
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
-        """A request with placeholder conditioning, run at load to compile the transformer for a shape."""
-        raise NotImplementedError(f"{type(self).__name__} does not support compile warm-up")
+        """A short request of this size with placeholder conditioning, run at load (runner/warmup.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support warm-up")
+
+    def warmup_latents(self, height: int, width: int) -> torch.Tensor:
+        """Placeholder latents of this size in the layout ``decode`` takes, to warm the VAE stage."""
+        raise NotImplementedError(f"{type(self).__name__} does not support warm-up of its VAE stage")
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Forget per-request acceleration state of requests that ended (finished, failed, aborted)."""

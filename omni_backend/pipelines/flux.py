@@ -11,7 +11,7 @@ true-CFG negative branch rides in the same call as extra rows.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from transformers import T5TokenizerFast
 
 from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
@@ -32,7 +33,9 @@ _TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 class FluxOptions:
     """config.pbtxt parameters specific to FLUX.1."""
 
-    max_sequence_length: int = 512  # T5 tokens; FluxPipeline's default and maximum
+    # T5 tokens per prompt, at most 512 (FluxPipeline's default and maximum). 0: what the checkpoint's
+    # T5 tokenizer declares (``model_max_length``; FLUX.1: 512, the 64x64 demo model: 8), capped at 512.
+    max_sequence_length: int = 0
 
 
 @dataclass
@@ -72,9 +75,12 @@ class FluxStages(PipelineStages):
     def load(
         cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
     ) -> FluxStages:
-        if not 1 <= options.max_sequence_length <= 512:
-            raise ConfigError(f"max_sequence_length: {options.max_sequence_length} is outside [1, 512]")
+        if not 0 <= options.max_sequence_length <= 512:
+            raise ConfigError(f"max_sequence_length: {options.max_sequence_length} is outside [0, 512]")
         pipe = load_pipeline(FluxPipeline, checkpoint, components, dtype, device, text_modules=_TEXT_MODULES)
+        if options.max_sequence_length == 0:
+            tokenizer = pipe.tokenizer_2 or T5TokenizerFast.from_pretrained(checkpoint, subfolder="tokenizer_2")
+            options = replace(options, max_sequence_length=min(512, tokenizer.model_max_length))
         return cls(pipe, checkpoint, options, device)
 
     @property
@@ -124,6 +130,10 @@ class FluxStages(PipelineStages):
         }
         params = SamplingParams(height, width, 2, self.defaults.guidance_scale, 1.0, 0)
         return DiffusionRequest("warm-up", params, conditioning=conditioning), conditioning
+
+    def warmup_latents(self, height: int, width: int) -> torch.Tensor:
+        scale = self.vae_scale_factor
+        return torch.zeros(1, self.latent_channels, height // scale, width // scale)
 
     # ------------------------------------------------------------------ 1. encode
 
@@ -289,7 +299,8 @@ class FluxStages(PipelineStages):
             raise InvalidRequestError("latents", "is required")
         channels = self.latent_channels
         if array.ndim != 3 or array.shape[0] != channels:
-            raise InvalidRequestError("latents", f"expected shape [{channels}, H/8, W/8], got {list(array.shape)}")
+            expected = f"[{channels}, H/{self.vae_scale_factor}, W/{self.vae_scale_factor}]"
+            raise InvalidRequestError("latents", f"expected shape {expected}, got {list(array.shape)}")
         height, width = (side * self.vae_scale_factor for side in array.shape[1:])
         if height * width > limits.max_pixels or min(height, width) == 0:
             raise InvalidRequestError(

@@ -2,15 +2,15 @@
 
 Order matters: offload first (it decides where weights live), then the step cache (its hooks run
 inside the offloaded transformer), compilation (of the blocks, after cache hooks are in place),
-the warm-up, and last the prompt-embedding cache around ``encode`` so that a hit never onloads
-the text encoders. Stage verbs are wrapped on the instance, so the runner, the ensemble stages
-and the engine call the same ``encode`` / ``denoise`` / ``decode`` as before.
+and last the prompt-embedding cache around ``encode`` so that a hit never onloads the text
+encoders. Compiled graphs are built by the warm-up the Triton model runs next (runner/warmup.py).
+Stage verbs are wrapped on the instance, so the runner, the ensemble stages and the engine call the
+same ``encode`` / ``denoise`` / ``decode`` as before.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +20,6 @@ from omni_backend.config import ConfigError, ModelConfig
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.offload.offload import ModelOffloader, _nbytes, apply_layerwise_offload
 from omni_backend.pipelines.base import PipelineStages
-
-logger = logging.getLogger(__name__)
 
 # Which stage verb runs which group of modules (PipelineStages.module_groups).
 _STAGE_GROUPS = {"encode": "text_encoder", "denoise": "transformer", "decode": "vae"}
@@ -54,7 +52,6 @@ def apply_acceleration(
             stages.step_cache = applied.step_cache
         if accel.compile == "regional" and transformer is not None:
             transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
-            _warm_up(stages, accel.compile_warmup_sizes)
         if accel.enable_prompt_embed_cache and "text_encoder" in stages.module_groups():
             cache = PromptEmbedCache(accel.prompt_embed_cache_size, stages.encode_key, observer)
             inner = stages.encode
@@ -95,20 +92,3 @@ def _apply_vae_options(stages: PipelineStages, tiling: bool, slicing: bool) -> N
         if slicing:
             vae.enable_slicing()
 
-
-def _warm_up(stages: PipelineStages, sizes: str) -> None:
-    """Compile at load for the configured shapes, so the first request of each is not slow.
-
-    Each shape runs alone and as a pair: dynamic shapes specialise a dimension of size 1, so batch
-    1 and batch >= 2 are the two graphs a shape needs; larger step batches reuse the second.
-    """
-    defaults = stages.defaults
-    shapes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")] if sizes else []
-    for height, width in shapes or [(defaults.height, defaults.width)]:
-        for batch in (1, 2):
-            pairs = [stages.warmup_request(height, width) for _ in range(batch)]
-            requests = [replace(request, request_id=f"warm-up-{i}") for i, (request, _) in enumerate(pairs)]
-            states = [stages.prepare(r, conditioning) for r, (_, conditioning) in zip(requests, pairs, strict=True)]
-            stages.step(states, stages.denoise(states))
-            stages.release([r.request_id for r in requests])
-        logger.info("compiled and warmed up the transformer for %dx%d", height, width)

@@ -32,6 +32,7 @@ from omni_backend.request import (
     parse_sampling_params,
 )
 from omni_backend.runner.model_runner import RunnerOutput
+from omni_backend.runner.warmup import warm_up_runner, warmup_sizes
 from omni_backend.serving.drain import DrainSignal
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
@@ -50,6 +51,9 @@ class _EngineModel(OmniModel):
         super().initialize(args)
         self._ids = itertools.count()
         runner = make_runner(self.stages, self.config, self.components, self.output, self.device)
+        # before the engine starts: Triton marks the model READY only once initialize returns
+        sizes = warmup_sizes(self.config, self.stages)
+        warm_up_runner(runner, self.stages, sizes, encode=Component.TEXT_ENCODER in self.components)
         metrics = TritonEngineMetrics(self.model_name)
         self.engine = DiffusionEngine(runner, self.config.engine, metrics, DrainSignal.from_env())
 

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from omni_backend.pipelines.base import Component
 from omni_backend.request import InvalidRequestError, parse_prompt_request
+from omni_backend.runner.warmup import warm_up_text_encoder, warm_up_vae, warmup_sizes
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
 
@@ -22,6 +23,10 @@ class TextEncoderStageModel(OmniModel):
     """Ensemble stage: ``prompt`` / ``negative_prompt`` in, the family's conditioning tensors out."""
 
     components = Component.TEXT_ENCODER
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        warm_up_text_encoder(self.stages, warmup_sizes(self.config, self.stages))
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses: list[Any] = [None] * len(requests)
@@ -50,6 +55,10 @@ class VaeStageModel(OmniModel):
     """Ensemble stage: ``latents`` in, ``image`` (or ``video``) out; latents of one shape decode together."""
 
     components = Component.VAE
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        warm_up_vae(self.stages, warmup_sizes(self.config, self.stages))
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses: list[Any] = [None] * len(requests)

@@ -54,7 +54,7 @@ def test_cache_config_json_becomes_typed_settings():
         ({"offload": "layerwise", "compile": "regional"}, "compile"),
         ({"compile": "full"}, "compile"),
         ({"offload": "layerwise", "cache_backend": "tea_cache"}, "cache_backend"),
-        ({"compile_warmup_sizes": "64,64"}, "compile_warmup_sizes"),
+        ({"warmup_sizes": "64,64"}, "warmup_sizes"),
         ({"enable_prompt_embed_cache": "maybe"}, "enable_prompt_embed_cache"),
         ({"prompt_embed_cache_size": "0"}, "prompt_embed_cache_size"),
         ({"vae_tilling": "true"}, "vae_tilling"),

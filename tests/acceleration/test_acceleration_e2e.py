@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess
-from tests.e2e.conftest import REPOSITORY, RawClient
+from tests.e2e.conftest import REPOSITORY, RawClient, add_parameters
 from tests.e2e.metrics import scrape, value
 
 pytestmark = pytest.mark.slow
@@ -29,19 +29,13 @@ ENCODER_EXTRA = """  { key: "enable_prompt_embed_cache", value: { string_value: 
 """
 
 
-def configure(repository: Path, model: str, extra: str) -> None:
-    path = repository / model / "config.pbtxt"
-    text = path.read_text()
-    path.write_text(text.replace("parameters [\n", "parameters [\n" + extra, 1))
-
-
 @pytest.fixture(scope="module")
 def accel_server(tmp_path_factory, model_root: Path):
     repository = tmp_path_factory.mktemp("repository")
     for model in ("flux", "flux_text_encoder"):
         shutil.copytree(REPOSITORY / model, repository / model)
-    configure(repository, "flux", FLUX_EXTRA)
-    configure(repository, "flux_text_encoder", ENCODER_EXTRA)
+    add_parameters(repository, "flux", FLUX_EXTRA)
+    add_parameters(repository, "flux_text_encoder", ENCODER_EXTRA)
     process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
     process.start(timeout=600)
     yield process

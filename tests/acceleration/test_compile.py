@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from torch._dynamo.utils import counters
 
+from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.warmup import warm_up_runner
 from omni_backend.testing.compare import assert_same_image
 from tests.acceleration.conftest import MIXED, load, make, run
 
@@ -14,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_regional_compile_warms_up_and_never_recompiles(tiny_flux, uncached):
     graphs_before = counters["stats"]["unique_graphs"]
-    stages, _, _ = load(tiny_flux, compile="regional", compile_warmup_sizes="64x64")
+    stages, _, _ = load(tiny_flux, compile="regional", warmup_sizes="64x64")
+    warm_up_runner(ModelRunner(stages, RunnerOutput.IMAGE), stages, [(64, 64)], encode=True)  # what initialize runs
     warmed = counters["stats"]["unique_graphs"]
     assert warmed > graphs_before, "nothing was compiled at load"
     batched = run(stages, [make(i, *case) for i, case in enumerate(MIXED)])  # 3 rows, then 1

@@ -33,6 +33,13 @@ def repository_of(root: Path, models: tuple[str, ...]) -> Path:
     return root
 
 
+def add_parameters(repository: Path, model: str, extra: str) -> None:
+    """Prepend config.pbtxt ``parameters`` entries (``extra``) to a model of a copied repository."""
+    path = repository / model / "config.pbtxt"
+    text = path.read_text()
+    path.write_text(text.replace("parameters [\n", "parameters [\n" + extra, 1))
+
+
 @contextlib.contextmanager
 def serving(repository: Path, model_root: Path) -> Iterator[TritonServerProcess]:
     process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
