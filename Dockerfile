@@ -14,10 +14,10 @@ COPY pyproject.toml README.md ./
 COPY omni_backend ./omni_backend
 COPY client ./client
 COPY model_repository ./model_repository
+COPY demo/flux-shapes /models/flux-shapes
 # The image's python3 is the interpreter its Python backend stub embeds: install into it (as root), then
-# build the demo checkpoint; the server itself runs as an unprivileged user that cannot change either.
+# build the other families' tiny checkpoints; the server itself runs as an unprivileged user that cannot change either.
 RUN pip install --no-cache-dir . ./client \
-    && python3 -m omni_backend.testing.tiny --family flux --out /models/tiny-flux \
     && python3 -m omni_backend.testing.tiny --family qwen_image --out /models/tiny-qwen-image \
     && python3 -m omni_backend.testing.tiny --family wan22_t2v --out /models/tiny-wan22-t2v \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin omni

@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q -e ".[test]" -e ./client
 	touch $@
 
-# one tiny checkpoint per family in model_repository/ (the names their config.pbtxt use)
+# the checkpoints model_repository/'s config.pbtxt files name: the trained 64x64 FLUX demo (committed,
+# copied: a model name must resolve inside the model root), and a tiny random one per other family
 demo: install
-	$(PY) -m omni_backend.testing.tiny --family flux --out $(OMNI_MODEL_ROOT)/tiny-flux
+	mkdir -p $(OMNI_MODEL_ROOT)
+	rm -rf $(OMNI_MODEL_ROOT)/flux-shapes && cp -r demo/flux-shapes $(OMNI_MODEL_ROOT)/flux-shapes
 	$(PY) -m omni_backend.testing.tiny --family qwen_image --out $(OMNI_MODEL_ROOT)/tiny-qwen-image
 	$(PY) -m omni_backend.testing.tiny --family wan22_t2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-t2v
 

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         models, repo = Path(tmp) / "models", Path(tmp) / "repo"
-        checkpoint = build_tiny_flux(models / "tiny-flux", seed=0)
+        checkpoint = build_tiny_flux(models / "flux-shapes", seed=0)  # the name model_repository/ serves
         for name in STAGES:
             shutil.copytree(ROOT / "model_repository" / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         build_repository(repo)

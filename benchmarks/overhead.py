@@ -40,7 +40,7 @@ class Family:
 
 
 FAMILIES = {
-    "flux": Family("FluxPipeline", "tiny-flux", "image"),
+    "flux": Family("FluxPipeline", "flux-shapes", "image"),  # the tiny FLUX, under the served name
     "qwen_image": Family("QwenImagePipeline", "tiny-qwen-image", "image"),
     "wan22_t2v": Family("WanPipeline", "tiny-wan22-t2v", "video"),
 }

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         models, repo = Path(tmp) / "models", Path(tmp) / "repo"
-        checkpoint = build_tiny_flux(models / "tiny-flux", seed=0)
+        checkpoint = build_tiny_flux(models / "flux-shapes", seed=0)  # the name model_repository/ serves
         wait_quiet(None, args.quiet_wait)
         probe = {(s, b): probe_ms(checkpoint, s, b) for s in args.sizes for b in (1, args.clients)}
         build_repository(repo)

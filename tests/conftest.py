@@ -12,12 +12,20 @@ import torch
 from omni_backend.testing import tiny
 from omni_backend.testing.tiny import build_tiny_flux
 
+DEMO_MODEL = "flux-shapes"  # the checkpoint name model_repository/'s FLUX models use
+
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model root holding ``tiny-flux``, the name model_repository/ refers to; other families are added on use."""
+    """A model root holding ``tiny-flux``; other families are added on use.
+
+    model_repository/ serves FLUX as ``flux-shapes`` (the trained demo in demo/): here that name is
+    the tiny checkpoint, whose shapes (guidance embedding, 8x VAE, 512 T5 tokens) every FLUX test is
+    written for. tests/e2e/test_demo_serving.py serves the trained one.
+    """
     root = tmp_path_factory.mktemp("models")
     build_tiny_flux(root / "tiny-flux", seed=0)
+    (root / DEMO_MODEL).symlink_to("tiny-flux", target_is_directory=True)
     return root
 
 

@@ -6,7 +6,7 @@
 
 Without --url a tritonserver is started on free ports (``TritonServerProcess``, explicit model
 control, only the model under test and its stages loaded) on the tiny FLUX checkpoint, built into a
-temporary folder unless --model-root names one that holds ``tiny-flux``.  Measurement is by count
+temporary folder unless --model-root names one that holds ``flux-shapes``.  Measurement is by count
 windows (a diffusion request takes seconds, time windows would hold a handful of them): each window
 waits for --request-count completed requests.  `flux_stream` is decoupled: perf_analyzer needs gRPC
 with --streaming and measures the latency of the first response (the step-1 progress message).
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="1 concurrency level, tiny windows, < 60 s")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/perf_analyzer_<model>_<protocol>.csv")
     parser.add_argument("--pa", default=str(DEFAULT_PA), help="perf_analyzer wrapper (setup.sh writes .bin/pa)")
-    parser.add_argument("--model-root", type=Path, help="OMNI_MODEL_ROOT for a started server (holds tiny-flux)")
+    parser.add_argument("--model-root", type=Path, help="OMNI_MODEL_ROOT for a started server (holds flux-shapes)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the perf_analyzer run")
     args = parser.parse_args(argv)
 
@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="omni-pa-") as tmp:
         model_root = args.model_root
-        if model_root is None or not (model_root / "tiny-flux").exists():
+        if model_root is None or not (model_root / "flux-shapes").exists():
             from omni_backend.testing.tiny import build_tiny_flux
 
             model_root = model_root or Path(tmp)
-            build_tiny_flux(model_root / "tiny-flux", seed=0)
+            build_tiny_flux(model_root / "flux-shapes", seed=0)  # the tiny FLUX under the served name
         server = TritonServerProcess(
             ROOT / "model_repository",
             env_extra={"OMNI_MODEL_ROOT": str(model_root)},

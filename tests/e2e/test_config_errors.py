@@ -56,4 +56,4 @@ def test_missing_checkpoint_fails_the_load(tmp_path):
     done = launch(repository, tmp_path / "empty-model-root")
     reason = (done.stdout + done.stderr).split("[omni-serve] ERROR")[-1]
     assert done.returncode != 0
-    assert "model: 'tiny-flux' is neither an absolute path" in reason, reason
+    assert "model: 'flux-shapes' is neither an absolute path" in reason, reason
