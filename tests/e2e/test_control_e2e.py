@@ -137,3 +137,17 @@ def test_profile_start_stop_writes_a_trace_file(control_server):
     [trace] = caller.control("flux", "profile_stop")["traces"]
     assert Path(trace).parent == control_server.traces and Path(trace).name.startswith("flux-rank0-")
     assert json.loads(Path(trace).read_text())["traceEvents"]
+
+
+def test_omni_client_control_command(control_server, capsys):
+    from omni_client.cli import main
+
+    url = ["--url", control_server.grpc_url, "--model", "flux"]
+    assert main(["control", *url, "--admin-key", KEY, "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "awake"
+    assert main(["control", *url, "--admin-key", KEY, "sleep", "--level", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["sleep_level"] == 1
+    assert main(["control", *url, "--admin-key", KEY, "wake"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "awake"
+    assert main(["control", *url, "--admin-key", "wrong", "status"]) == 1
+    assert "admin-key" in capsys.readouterr().err
