@@ -69,6 +69,16 @@ class AccelerationConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The in-band control channel: sleep / wake, profiling (README "Control: sleep, wake, profiling")."""
+
+    enable_control: bool = False  # accept requests carrying the `control` input (off: refused, naming this key)
+    wake_on_request: bool = False  # a request reaching a sleeping model wakes it (off: UNAVAILABLE "model is asleep")
+    profile_dir: str = ""  # where profile_stop writes Chrome traces ("": profiling ops refused)
+    profile_max_steps: int = 100  # a trace stops by itself after this many engine steps (bounds its size)
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """How one model instance spreads a request over a group of devices (see distributed/)."""
 
@@ -103,6 +113,7 @@ class ModelConfig:
     acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
     step_cache: Any = None  # cache_backend + cache_config parsed (omni_backend.cache.config), None: no cache
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
 
     def resolve_checkpoint(self) -> str:
@@ -202,6 +213,9 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
     if engine.scheduling not in ("step", "request"):
         raise ConfigError(f"scheduling: {engine.scheduling!r} is not 'step' or 'request'")
     acceleration, step_cache = _parse_acceleration(values)
+    control = parse_dataclass(ControlConfig, values)
+    if control.profile_max_steps < 1:
+        raise ConfigError(f"profile_max_steps: must be at least 1, got {control.profile_max_steps}")
     if parallel.world_size > 1:
         # the parallel denoiser runs the transformer itself: these would silently not apply
         for key, off in (("offload", "none"), ("cache_backend", "none"), ("compile", "none")):
@@ -221,6 +235,7 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         acceleration=acceleration,
         step_cache=step_cache,
         parallel=parallel,
+        control=control,
         options=options,
     )
 
@@ -253,7 +268,7 @@ def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any
 
 def _known_keys(options_cls: type | None) -> str:
     names = ["family", "model", "dtype", "device", "model_root"]
-    for cls in (RequestLimits, EngineConfig, AccelerationConfig, ParallelConfig, options_cls):
+    for cls in (RequestLimits, EngineConfig, AccelerationConfig, ParallelConfig, ControlConfig, options_cls):
         if cls is not None:
             names += [f.name for f in dataclasses.fields(cls)]
     return ", ".join(names)

@@ -104,7 +104,8 @@ class ErrorKind(enum.Enum):
 
     INTERNAL = "internal"  # a fault while running it
     CANCELLED = "cancelled"  # the client cancelled it
-    UNAVAILABLE = "unavailable"  # queue timeout, shutdown: retry elsewhere or later
+    UNAVAILABLE = "unavailable"  # queue timeout, shutdown, model asleep: retry elsewhere or later
+    INVALID_ARG = "invalid_arg"  # a control op the model's state refuses (engine/control.py)
 
 
 @dataclass

@@ -25,6 +25,9 @@ leave no process and no /dev/shm region behind.
 Addresses: every endpoint binds ``--host`` (default 127.0.0.1). On any other address the admin APIs
 (model repository, config, shared memory, statistics, trace, logging) require the ``admin-key`` header
 (``--admin-key`` / ``$OMNI_ADMIN_KEY``; by default a random key nobody knows, so they are closed).
+The same key guards the models' in-band control ops (README "Control"): tritonserver forwards the
+``admin-key`` header to the models as a request parameter and the stubs get the key in
+``$OMNI_CONTROL_KEY`` (set only off loopback).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 ADMIN_HEADER = "admin-key"
 ADMIN_KEY_ENV = "OMNI_ADMIN_KEY"
+CONTROL_KEY_ENV = "OMNI_CONTROL_KEY"  # read by omni_backend/triton/control.py
 
 
 class LaunchError(RuntimeError):
@@ -248,6 +252,9 @@ def address_args(host: str, admin_key: str | None, passthrough: Sequence[str]) -
         args.append(f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}")
     if flag_value(passthrough, "--grpc-restricted-protocol") is None:
         args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
+    for kind in ("http", "grpc"):  # control ops ride inference: the model checks the key itself
+        if flag_value(passthrough, f"--{kind}-header-forward-pattern") is None:
+            args.append(f"--{kind}-header-forward-pattern={ADMIN_HEADER}")
     return args
 
 
@@ -266,10 +273,15 @@ def _start(opts: argparse.Namespace, passthrough: list[str]) -> subprocess.Popen
     for port in opts.ports:
         _check_port_free(port)
     repo = opts.model_repository.resolve()
-    extra = address_args(opts.host, opts.admin_key, passthrough) + passthrough
+    # off loopback: the given key, else a random one nobody knows (admin APIs and control closed)
+    key = None if is_loopback(opts.host) else opts.admin_key or secrets.token_urlsafe(24)
+    extra = address_args(opts.host, key, passthrough) + passthrough
     cmd = build_command(binary, repo, opts.ports, backend_dir, extra)
     env = server_env(wheel_libs=bundled or backend_dir is not None)
     env[drain.ENV] = opts.drain_file
+    env.pop(CONTROL_KEY_ENV, None)
+    if key is not None:
+        env[CONTROL_KEY_ENV] = key
     proc = subprocess.Popen(cmd, env=env, stdin=DEVNULL, stdout=PIPE, stderr=PIPE, preexec_fn=_preexec_child)
     shown = [re.sub(r"(restricted-\w+=.*:[\w-]+=).*", r"\1***", arg) for arg in cmd]  # never log the key
     say(f"tritonserver pid {proc.pid}: {' '.join(shown)}")

@@ -307,6 +307,9 @@ def test_non_loopback_host_restricts_admin_apis() -> None:
     apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
     assert f"--http-restricted-api={apis}:admin-key=s3cret" in args
     assert f"--grpc-restricted-protocol={apis}:admin-key=s3cret" in args
+    # control ops ride inference: the header reaches the model, which checks it (README "Control")
+    assert "--http-header-forward-pattern=admin-key" in args and "--grpc-header-forward-pattern=admin-key" in args
+    assert not any("header-forward" in a for a in serve.address_args("127.0.0.1", "s3cret", []))
     random_key = serve.address_args("10.1.2.3", None, [])
     assert any(a.startswith("--http-restricted-api=") and "admin-key=" in a for a in random_key)
     assert random_key != serve.address_args("10.1.2.3", None, [])  # a fresh key nobody knows

@@ -1,4 +1,4 @@
-"""``omni-client`` command line: ``generate`` (``--stream`` for streaming models), ``health``, ``models``.
+"""``omni-client`` command line: ``generate`` (``--stream`` for streaming models), ``health``, ``models``, ``control``.
 
 Exit codes: 0 success, 1 server/connection error or not ready, 2 invalid arguments.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from . import __version__, control
 from .client import OmniClient
 from .errors import InvalidRequestError, OmniClientError
 from .progress import ProgressBar
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", parents=[common], help="list the model repository index")
     models.set_defaults(func=cmd_models)
+
+    control.add_parser(sub, common).set_defaults(func=cmd_control)
     return parser
 
 
@@ -258,6 +260,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """Runs ``omni-client control``: prints the model's JSON answer."""
+    return control.cmd_control(args, _connect(args, args.model))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,6 +124,26 @@ class OmniClient(StreamingMixin):
                 raise OmniClientError(f"not ready after {timeout:g} s: {last}", "TIMEOUT")
             time.sleep(poll_interval)
 
+    # -- control --------------------------------------------------------------------------------
+    def control(self, op: str, *, model: str | None = None, admin_key: str | None = None, **args: Any) -> dict:
+        """Runs a control op (``status``, ``sleep``, ``wake``, ``profile_start``, ``profile_stop``).
+
+        Args:
+            op: The op name.
+            model: Model name; None for the client's default model.
+            admin_key: The server's ``admin-key`` header value (needed off loopback).
+            **args: The op's arguments (``level`` for sleep, ``max_steps`` for profile_start).
+
+        Returns:
+            The model's JSON answer.
+
+        Raises:
+            OmniClientError: If the model refuses the op (e.g. ``enable_control`` off).
+        """
+        from .control import run_control
+
+        return run_control(self, op, model, admin_key, **args)
+
     # -- generation -----------------------------------------------------------------------------
     def generate(
         self,

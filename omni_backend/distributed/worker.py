@@ -37,8 +37,10 @@ from omni_backend.distributed.groups import (
 )
 from omni_backend.distributed.spec import resolve_spec
 from omni_backend.distributed.validate import validate_parallel
+from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.scheduler import StepPlan, StepResult
 from omni_backend.pipelines.base import Component
+from omni_backend.runner.control import RunnerControl
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_stages
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class _RankSetup:
     output: RunnerOutput
     base_device: str  # the instance's device; rank r uses the r-th GPU from it, or the CPU
     port: int
+    name: str  # the Triton model's name (profile trace file names)
 
 
 def _to_shared(result: StepResult) -> StepResult:
@@ -97,7 +100,8 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
     # the runner calls stages.denoise: on a rank that is the distributed call (instance attribute)
     stages.denoise = denoiser.denoise  # type: ignore[method-assign]
     # only rank 0 answers, so only rank 0 decodes images
-    runner = ModelRunner(stages, setup.output if rank == 0 else RunnerOutput.LATENTS)
+    control = RunnerControl(lambda: stages, setup.config, setup.components, setup.name, rank)
+    runner = ModelRunner(stages, setup.output if rank == 0 else RunnerOutput.LATENTS, control=control)
     if rank == 0:
         results.put(("ready", os.getpid()))
     while (command := commands.get()) is not None:
@@ -108,21 +112,34 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
                 results.put(("result", _to_shared(result)))
         elif verb == "abort":
             runner.abort(payload)
+        elif verb == "control":  # every rank answers: each has its own profiler (and trace file)
+            try:
+                results.put(("control", (rank, runner.run_control(*payload))))
+            except Exception as exc:
+                results.put(("control", (rank, exc)))
 
 
 class ParallelRunner:
     """The driver of a worker group; a drop-in for ModelRunner in the engine."""
 
-    def __init__(self, stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: str):
+    def __init__(
+        self,
+        stages: Any,
+        config: ModelConfig,
+        components: Component,
+        output: RunnerOutput,
+        device: str,
+        name: str = "model",
+    ):
         self.stages = stages  # the driver's own copy: batch keys and request parsing only
         self.output = output
-        self._setup = (config, components, output, device)
+        self._setup = (config, components, output, device, name)
         self._procs: list[std_mp.process.BaseProcess] = []
         self._start()
 
     def _start(self) -> None:
-        config, components, output, device = self._setup
-        setup = _RankSetup(config, components, output, device, free_port())
+        config, components, output, device, name = self._setup
+        setup = _RankSetup(config, components, output, device, free_port(), name)
         world = config.parallel.world_size
         ctx = mp.get_context("spawn")
         self._commands = [ctx.Queue() for _ in range(world)]
@@ -173,6 +190,28 @@ class ParallelRunner:
         if self._procs:
             self._broadcast("abort", list(request_ids))
 
+    def run_control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Every rank runs the op; rank 0's answer, with every rank's traces and statuses."""
+        if op in ("sleep", "wake"):
+            # a rank's weights may be sharded or split (tensor / pipeline parallel): not moved safely yet
+            raise ControlRefusedError("control", f"{op} is not supported with a parallel group yet")
+        if not self._procs:
+            self._start()
+        self._broadcast("control", (op, args))
+        replies: dict[int, Any] = {}
+        while len(replies) < len(self._procs):
+            kind, (rank, reply) = self._receive()
+            replies[rank] = reply
+        for rank in sorted(replies):
+            if isinstance(replies[rank], Exception):
+                raise replies[rank]
+        merged = dict(replies[0])
+        if "traces" in merged:
+            merged["traces"] = [trace for rank in sorted(replies) for trace in replies[rank]["traces"]]
+        if op == "status":
+            merged["ranks"] = [replies[rank] for rank in sorted(replies)]
+        return merged
+
     def close(self) -> None:
         """Stop every rank (ours: started by _start) and forget them."""
         for commands, proc in zip(self._commands, self._procs, strict=True):
@@ -187,9 +226,15 @@ class ParallelRunner:
 
 
 def make_runner(
-    stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: torch.device
+    stages: Any,
+    config: ModelConfig,
+    components: Component,
+    output: RunnerOutput,
+    device: torch.device,
+    name: str = "model",
 ) -> ModelRunner | ParallelRunner:
     """World size 1 runs in-process; larger worlds in a worker group."""
     if config.parallel.world_size == 1:
-        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings)
-    return ParallelRunner(stages, config, components, output, str(device))
+        control = RunnerControl(lambda: stages, config, components, name)
+        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings, control=control)
+    return ParallelRunner(stages, config, components, output, str(device), name)

@@ -6,6 +6,11 @@ whose client cancelled or whose queue deadline passed, so nobody's slot burns co
 client that is gone. When the launcher asks to drain (serving/drain.py) the engine refuses new
 requests, fails the queued ones at once and the running ones at the drain deadline, so that every
 client is answered before Triton's exit timeout.
+
+Control ops (engine/control.py: sleep, wake, profiling, status) queue here too and run on this
+thread between steps, in arrival order, so none races a transformer call. ``sleep`` first lets the
+running requests finish, admitting none (the queued ones wait); once asleep, waiting and new
+requests get UNAVAILABLE "model is asleep", or wake the model with ``wake_on_request``.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omni_backend.config import EngineConfig
+from omni_backend.config import ControlConfig, EngineConfig
+from omni_backend.engine.control import WAITS_FOR_IDLE, ControlCall, ControlReply
 from omni_backend.engine.observer import EngineObserver
 from omni_backend.engine.scheduler import SCHEDULERS, QueueFullError, StepPlan, StepProgress, StepResult
-from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind
+from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, InvalidRequestError
 from omni_backend.runner.model_runner import ModelRunner
 from omni_backend.serving.drain import POLL_S, DrainSignal
 
@@ -33,6 +40,14 @@ ProgressCallback = Callable[[StepProgress], None]
 
 class ShuttingDownError(QueueFullError):
     """Refused because the server is shutting down: like a full queue, the client should go elsewhere."""
+
+
+class ModelAsleepError(QueueFullError):
+    """Refused because the model sleeps (control op ``sleep``) and ``wake_on_request`` is off."""
+
+
+def _asleep_message(level: int) -> str:
+    return f"model is asleep (sleep level {level}); wake it with the control op 'wake' or set wake_on_request"
 
 
 @dataclass
@@ -53,8 +68,12 @@ class DiffusionEngine:
         config: EngineConfig,
         observer: EngineObserver | None = None,
         drain: DrainSignal | None = None,
+        control: ControlConfig | None = None,
     ):
         self.runner = runner
+        self.wake_on_request = (control or ControlConfig()).wake_on_request
+        self._commands: deque[ControlCall] = deque()
+        self._asleep = 0  # the sleep level the runner reported (0: awake)
         self.drain = drain or DrainSignal(None)
         self._draining = False
         self.config = config
@@ -78,9 +97,20 @@ class DiffusionEngine:
         with self._wakeup:
             if self._stopping or self._draining:
                 raise ShuttingDownError("the server is shutting down; retry on another instance")
+            if self._asleep and not self.wake_on_request:
+                raise ModelAsleepError(_asleep_message(self._asleep))
             self.scheduler.add(request)
             self._clients[request.request_id] = _Client(request, on_output, on_progress, is_cancelled)
             self._wakeup.notify()
+
+    def control(self, call: ControlCall) -> None:
+        """Queue a validated control op; ``call.on_done`` answers it from the engine thread."""
+        with self._wakeup:
+            if not self._stopping:
+                self._commands.append(call)
+                self._wakeup.notify()
+                return
+        call.on_done(ControlReply(error="the model is being unloaded", error_kind=ErrorKind.UNAVAILABLE))
 
     # ------------------------------------------------------------------ the loop
 
@@ -88,7 +118,7 @@ class DiffusionEngine:
         poll = POLL_S if self.drain.path is not None else None  # wake up to look at the drain file
         while True:
             with self._wakeup:
-                self._wakeup.wait_for(lambda: self._stopping or self.scheduler.has_work(), timeout=poll)
+                self._wakeup.wait_for(self._has_work, timeout=poll)
                 if self._stopping:
                     return
             try:
@@ -98,9 +128,14 @@ class DiffusionEngine:
                 logger.exception("engine iteration failed; failing every request it holds")
                 self._fail_all(f"internal error: {exc}", ErrorKind.INTERNAL)
 
+    def _has_work(self) -> bool:
+        return self._stopping or self.scheduler.has_work() or bool(self._commands)
+
     def _iterate(self) -> None:
-        """One step: drop abandoned requests, schedule, execute, report, deliver."""
+        """One step: drop abandoned requests, run control ops, schedule, execute, report, deliver."""
         self._drop_abandoned()
+        self._run_commands()
+        self._serve_or_refuse_while_asleep()
         with self._wakeup:
             plan = self.scheduler.schedule()
         if not plan.running_ids:
@@ -115,6 +150,61 @@ class DiffusionEngine:
         self._observe(self.observer.on_running, running)
         for client, output in finished:
             self._deliver(client, output)
+
+    # ------------------------------------------------------------------ control ops
+
+    def _run_commands(self) -> None:
+        """Run the queued control ops in order; one that waits for idle pauses admission until then."""
+        while True:
+            with self._wakeup:
+                if not self._commands:
+                    self.scheduler.paused = False
+                    return
+                call = self._commands[0]
+                if call.op in WAITS_FOR_IDLE and self.scheduler.num_running:
+                    self.scheduler.paused = True  # let the running requests finish; the queued ones wait
+                    return
+                self._commands.popleft()
+            self._answer(call, self._run_command(call.op, call.args))
+
+    def _run_command(self, op: str, args: dict) -> ControlReply:
+        try:
+            result = self.runner.run_control(op, args)
+        except InvalidRequestError as exc:
+            return ControlReply(error=str(exc), error_kind=ErrorKind.INVALID_ARG)
+        except Exception as exc:  # a failed op must be answered, and the engine keeps serving
+            logger.exception("control op %s failed", op)
+            return ControlReply(error=f"control op {op!r} failed: {exc}", error_kind=ErrorKind.INTERNAL)
+        with self._wakeup:
+            self._asleep = result.get("sleep_level", self._asleep) if op in ("sleep", "wake") else self._asleep
+            if op == "status":
+                result.update(running=self.scheduler.num_running, queued=len(self.scheduler.waiting))
+        return ControlReply(result)
+
+    @staticmethod
+    def _answer(call: ControlCall, reply: ControlReply) -> None:
+        try:
+            call.on_done(reply)
+        except Exception:  # a broken response path must not stop the engine
+            logger.exception("answering control op %s failed", call.op)
+
+    def _serve_or_refuse_while_asleep(self) -> None:
+        """Asleep with requests waiting: wake for them (``wake_on_request``) or answer UNAVAILABLE."""
+        with self._wakeup:
+            waiting = [r.request_id for r in self.scheduler.waiting] if self._asleep else []
+        if not waiting:
+            return
+        if self.wake_on_request:
+            reply = self._run_command("wake", {})
+            if reply.error is None:
+                logger.info("woken by %d waiting requests (wake_on_request)", len(waiting))
+                return
+            message, kind = f"waking the model failed: {reply.error}", ErrorKind.INTERNAL
+        else:
+            message, kind = _asleep_message(self._asleep), ErrorKind.UNAVAILABLE
+        self._drop([DiffusionOutput(i, error=message, error_kind=kind) for i in waiting])
+
+    # ------------------------------------------------------------------ steps
 
     def _execute(self, plan: StepPlan) -> StepResult:
         now = time.monotonic()
@@ -229,6 +319,9 @@ class DiffusionEngine:
             self.scheduler.drain()
             clients = list(self._clients.values())
             self._clients.clear()
+            calls, self._commands = list(self._commands), deque()
+        for call in calls:
+            self._answer(call, ControlReply(error=message, error_kind=kind))
         self.runner.abort([c.request.request_id for c in clients])
         for client in clients:
             self._deliver(client, DiffusionOutput(client.request.request_id, error=message, error_kind=kind))

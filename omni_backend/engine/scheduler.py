@@ -84,6 +84,7 @@ class StepScheduler:
         self.running: dict[Hashable, dict[str, DiffusionRequest]] = {}  # key -> requests, in turn order
         self.joining: dict[Hashable, list[DiffusionRequest]] = {}  # admitted, not yet prepared by the runner
         self.rate = RateLimiter(config.max_request_rate) if config.max_request_rate > 0 else None
+        self.paused = False  # admit nobody (a control op waits for the running requests to finish)
 
     @property
     def num_running(self) -> int:
@@ -100,7 +101,8 @@ class StepScheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        self._admit()
+        if not self.paused:
+            self._admit()
         if not self.running:
             return StepPlan()
         key = next(iter(self.running))

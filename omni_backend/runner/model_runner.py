@@ -12,18 +12,21 @@ import enum
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from omni_backend.config import ModelConfig
+from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
 from omni_backend.runner.acceleration import Acceleration, apply_acceleration
+from omni_backend.runner.control import RunnerControl
 from omni_backend.runner.oom import Failed, free_device_memory, is_oom, oom_message, run_batched
 
 logger = logging.getLogger(__name__)
@@ -87,9 +90,16 @@ def load_accelerated(
 
 
 class ModelRunner:
-    def __init__(self, stages: PipelineStages, output: RunnerOutput, synchronize: bool = False):
+    def __init__(
+        self,
+        stages: PipelineStages,
+        output: RunnerOutput,
+        synchronize: bool = False,
+        control: RunnerControl | None = None,
+    ):
         self.stages = stages
         self.output = output
+        self.control = control  # sleep / wake / profiling (None: no control ops, e.g. unit tests)
         self.states: dict[str, DenoiseState] = {}
         # CUDA runs asynchronously: stage timings are only true if each stage waits for the device
         self._synchronize = synchronize and torch.cuda.is_available()
@@ -101,7 +111,20 @@ class ModelRunner:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def run_control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run a validated control op (engine/control.py) between steps; ControlRefusedError if refused."""
+        if self.control is None:
+            raise ControlRefusedError("control", "this runner takes no control ops")
+        return self.control.handle(op, args)
+
     def execute(self, plan: StepPlan) -> StepResult:
+        try:
+            return self._execute(plan)
+        finally:
+            if self.control is not None:
+                self.control.on_step()  # a running profile counts the step (and stops at its limit)
+
+    def _execute(self, plan: StepPlan) -> StepResult:
         if self._free_memory:
             self._free_memory = False
             free_device_memory()

@@ -19,6 +19,8 @@ import triton_python_backend_utils as pb_utils
 
 from omni_backend.cache.config import check_cache_threshold
 from omni_backend.distributed.worker import ParallelRunner, make_runner
+from omni_backend.engine.control import FIELD as CONTROL
+from omni_backend.engine.control import ControlCall, ControlReply, parse_control
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
 from omni_backend.pipelines.base import Component
@@ -30,11 +32,12 @@ from omni_backend.request import (
     parse_int,
     parse_prompt_request,
     parse_sampling_params,
+    parse_text,
 )
 from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.runner.warmup import warm_up_runner, warmup_sizes
 from omni_backend.serving.drain import DrainSignal
-from omni_backend.triton import tensors
+from omni_backend.triton import control, tensors
 from omni_backend.triton.base import OmniModel
 from omni_backend.triton.metrics import TritonEngineMetrics
 
@@ -50,12 +53,14 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = make_runner(self.stages, self.config, self.components, self.output, self.device)
+        runner = make_runner(self.stages, self.config, self.components, self.output, self.device, self.model_name)
         # before the engine starts: Triton marks the model READY only once initialize returns
         sizes = warmup_sizes(self.config, self.stages)
         warm_up_runner(runner, self.stages, sizes, encode=Component.TEXT_ENCODER in self.components)
         metrics = TritonEngineMetrics(self.model_name)
-        self.engine = DiffusionEngine(runner, self.config.engine, metrics, DrainSignal.from_env())
+        drain = DrainSignal.from_env()
+        self.engine = DiffusionEngine(runner, self.config.engine, metrics, drain, self.config.control)
+        self._control_key = control.control_key()
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
         raise NotImplementedError
@@ -69,7 +74,11 @@ class _EngineModel(OmniModel):
             # Client ids may be empty or repeated: the engine gets a unique one, logs show both.
             request_id = f"{next(self._ids)}:{request.request_id() or '-'}"
             try:
-                parsed = self.parse(request_id, tensors.request_arrays(request))
+                arrays = tensors.request_arrays(request)
+                if CONTROL in arrays:
+                    self._control(request, request_id, arrays)
+                    continue
+                parsed = self.parse(request_id, arrays)
                 check_cache_threshold(self.config.acceleration.cache_backend, parsed.params.cache_threshold)
                 parsed.queue_deadline = self._queue_deadline(request, parsed.arrival_time)
                 callbacks = (
@@ -88,6 +97,21 @@ class _EngineModel(OmniModel):
                 self.log.exception("request %s failed before scheduling", request_id)
                 tensors.send_final(request, tensors.internal(f"request {request_id}: {exc}"))
         return None
+
+    def _control(self, request: pb_utils.InferenceRequest, request_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Validate a control op and queue it on the engine, which answers between steps."""
+        control.check_access(request, self.config.control, self._control_key)
+        control.check_alone(arrays)
+        op, args = parse_control(parse_text(arrays, CONTROL, self.config.limits) or "", self.config.control)
+        self.log.info("request %s: control op %s %s", request_id, op, args)
+        self.engine.control(ControlCall(op, args, partial(self._respond_control, request, request_id)))
+
+    def _respond_control(self, request: pb_utils.InferenceRequest, request_id: str, reply: ControlReply) -> None:
+        if reply.error is not None:
+            self.log.info("request %s: control op refused: %s", request_id, reply.error)
+            tensors.send_final(request, tensors.error_response(reply.error, _error_code(reply.error_kind)))
+        else:
+            tensors.send_final(request, tensors.output_response(control.result_outputs(reply)))
 
     def _queue_deadline(self, request: pb_utils.InferenceRequest, arrival: float) -> float | None:
         """A client's own timeout (microseconds, Triton's ``timeout``) wins over ``queue_timeout_s``."""
