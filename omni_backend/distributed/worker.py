@@ -38,6 +38,7 @@ from omni_backend.distributed.groups import (
 from omni_backend.distributed.spec import resolve_spec
 from omni_backend.distributed.validate import validate_parallel
 from omni_backend.engine.scheduler import StepPlan, StepResult
+from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_stages
 
@@ -113,6 +114,8 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
 class ParallelRunner:
     """The driver of a worker group; a drop-in for ModelRunner in the engine."""
 
+    loras = None  # LoRA is not supported with a worker group (config.py rejects lora_dir there)
+
     def __init__(self, stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: str):
         self.stages = stages  # the driver's own copy: batch keys and request parsing only
         self.output = output
@@ -187,9 +190,14 @@ class ParallelRunner:
 
 
 def make_runner(
-    stages: Any, config: ModelConfig, components: Component, output: RunnerOutput, device: torch.device
+    stages: Any,
+    config: ModelConfig,
+    components: Component,
+    output: RunnerOutput,
+    device: torch.device,
+    loras: LoraRegistry | None = None,
 ) -> ModelRunner | ParallelRunner:
     """World size 1 runs in-process; larger worlds in a worker group."""
     if config.parallel.world_size == 1:
-        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings)
+        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings, loras=loras)
     return ParallelRunner(stages, config, components, output, str(device))

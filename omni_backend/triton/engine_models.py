@@ -21,6 +21,7 @@ from omni_backend.cache.config import check_cache_threshold
 from omni_backend.distributed.worker import ParallelRunner, make_runner
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
+from omni_backend.lora.registry import validate_lora
 from omni_backend.pipelines.base import Component
 from omni_backend.request import (
     DiffusionOutput,
@@ -28,6 +29,7 @@ from omni_backend.request import (
     ErrorKind,
     InvalidRequestError,
     parse_int,
+    parse_lora,
     parse_prompt_request,
     parse_sampling_params,
 )
@@ -49,7 +51,7 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = make_runner(self.stages, self.config, self.components, self.output, self.device)
+        runner = make_runner(self.stages, self.config, self.components, self.output, self.device, self.loras)
         metrics = TritonEngineMetrics(self.model_name)
         self.engine = DiffusionEngine(runner, self.config.engine, metrics, DrainSignal.from_env())
 
@@ -65,7 +67,10 @@ class _EngineModel(OmniModel):
             # Client ids may be empty or repeated: the engine gets a unique one, logs show both.
             request_id = f"{next(self._ids)}:{request.request_id() or '-'}"
             try:
-                parsed = self.parse(request_id, tensors.request_arrays(request))
+                arrays = tensors.request_arrays(request)
+                parsed = self.parse(request_id, arrays)
+                parsed.lora = parse_lora(arrays, self.config.limits)
+                validate_lora(self.loras, parsed.lora)
                 check_cache_threshold(self.config.acceleration.cache_backend, parsed.params.cache_threshold)
                 parsed.queue_deadline = self._queue_deadline(request, parsed.arrival_time)
                 callbacks = (
