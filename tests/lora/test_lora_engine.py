@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from omni_backend.config import EngineConfig, LoraConfig
+from omni_backend.config import EngineConfig, LoraConfig, parse_model_config
 from omni_backend.engine.engine import DiffusionEngine
-from omni_backend.lora.registry import LoraRegistry
+from omni_backend.engine.observer import AccelerationObserver
+from omni_backend.lora.registry import LoraRegistry, create_lora_registry
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, LoraSelection, SamplingParams
-from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_accelerated
 from omni_backend.testing.compare import assert_same_image
 
 PROMPT, SIZE, STEPS = "a red circle on a blue background", 64, 3
@@ -151,3 +153,20 @@ def test_an_adapter_that_fails_to_load_fails_only_its_request(stages, lora_dir, 
     outputs, _ = serve(stages, loras, [request("bad", 1, ("corrupt", 1.0)), request("good", 2)])
     assert "loading LoRA adapter 'corrupt' failed" in outputs["bad"].error
     assert_same_image(image(outputs["good"]), reference(None, flux_reference, 2, None))
+
+
+def test_a_step_cache_runs_each_request_with_its_adapter(tiny_flux, lora_dir, lora_reference, flux_reference):
+    """tea_cache at threshold 0 computes every step: adapter and base requests equal their references."""
+    config = parse_model_config(
+        {"family": "flux", "model": str(tiny_flux), "cache_backend": "tea_cache", "lora_dir": str(lora_dir)},
+        FluxOptions,
+    )
+    cached, applied = load_accelerated(config, Component.ALL, torch.device("cpu"), AccelerationObserver())
+    assert applied.step_cache is not None
+    loras = create_lora_registry(config, cached, Component.ALL)
+    mix = [("style1", 1.0), None, ("style2", 0.5)]
+    requests = [request(str(i), seed=50 + i, lora=lora) for i, lora in enumerate(mix)]
+    requests = [replace(r, params=replace(r.params, cache_threshold=0.0)) for r in requests]
+    outputs, _ = serve(cached, loras, requests)
+    for i, lora in enumerate(mix):
+        assert_same_image(image(outputs[str(i)]), reference(lora_reference, flux_reference, 50 + i, lora))
