@@ -100,6 +100,23 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters served per request (omni_backend/lora/, README "LoRA adapters")."""
+
+    lora_dir: str = ""  # absolute folder holding one sub-folder per adapter name ("" : no LoRA)
+    max_loras: int = 4  # adapters resident on the transformer at once; least recently used evicted first
+    pinned_loras: str = ""  # comma-separated adapter names loaded at load and never evicted
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lora_dir)
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.pinned_loras.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole validated config of one Triton model."""
 
@@ -114,6 +131,7 @@ class ModelConfig:
     step_cache: Any = None  # cache_backend + cache_config parsed (omni_backend.cache.config), None: no cache
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     options: Any = None  # the family's own options dataclass (see pipelines/<family>.py)
 
     def resolve_checkpoint(self) -> str:
@@ -221,6 +239,7 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         for key, off in (("offload", "none"), ("cache_backend", "none"), ("compile", "none")):
             if getattr(acceleration, key) != off:
                 raise ConfigError(f"{key}: not supported yet with a parallel group (world size {parallel.world_size})")
+    lora = _parse_lora(values, acceleration, parallel)
     options = parse_dataclass(options_cls, values) if options_cls is not None else None
     if values:
         raise ConfigError(f"{sorted(values)[0]}: unknown config parameter (known keys: {_known_keys(options_cls)})")
@@ -236,6 +255,7 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
         step_cache=step_cache,
         parallel=parallel,
         control=control,
+        lora=lora,
         options=options,
     )
 
@@ -266,9 +286,44 @@ def _parse_acceleration(values: dict[str, str]) -> tuple[AccelerationConfig, Any
     return accel, parse_cache_config(accel.cache_backend, accel.cache_config)
 
 
+def _parse_lora(values: dict[str, str], acceleration: AccelerationConfig, parallel: ParallelConfig) -> LoraConfig:
+    from omni_backend.lora.names import AdapterNameError, adapter_path  # imports nothing from here
+
+    given = [f.name for f in dataclasses.fields(LoraConfig) if f.name in values]
+    lora = parse_dataclass(LoraConfig, values)
+    if not lora.enabled:
+        if given:
+            raise ConfigError(f"{given[0]}: only applies with lora_dir")
+        return lora
+    root = Path(lora.lora_dir)
+    if not root.is_absolute() or not root.is_dir():
+        raise ConfigError(f"lora_dir: {lora.lora_dir!r} is not an absolute path of an existing folder")
+    if lora.max_loras < 1:
+        raise ConfigError(f"max_loras: must be at least 1, got {lora.max_loras}")
+    pinned = lora.pinned
+    if len(set(pinned)) != len(pinned):
+        raise ConfigError(f"pinned_loras: {lora.pinned_loras!r} names an adapter twice")
+    if len(pinned) > lora.max_loras:
+        raise ConfigError(f"pinned_loras: {len(pinned)} adapters pinned but max_loras is {lora.max_loras}")
+    for name in pinned:
+        try:
+            adapter_path(root, name)
+        except AdapterNameError as exc:
+            raise ConfigError(f"pinned_loras: {exc}") from None
+    # Each of these changes how the transformer's modules run and was not made to follow adapters that
+    # come and go at runtime: rejected rather than served wrong (README "LoRA adapters").
+    if parallel.world_size > 1:
+        raise ConfigError(f"lora_dir: not supported yet with a parallel group (world size {parallel.world_size})")
+    for key, off in (("offload", "none"), ("compile", "none")):
+        if getattr(acceleration, key) != off:
+            raise ConfigError(f"{key}: {getattr(acceleration, key)!r} cannot be combined with lora_dir yet")
+    return lora
+
+
 def _known_keys(options_cls: type | None) -> str:
     names = ["family", "model", "dtype", "device", "model_root"]
-    for cls in (RequestLimits, EngineConfig, AccelerationConfig, ParallelConfig, ControlConfig, options_cls):
+    sections = (RequestLimits, EngineConfig, AccelerationConfig, ParallelConfig, ControlConfig, LoraConfig)
+    for cls in (*sections, options_cls):
         if cls is not None:
             names += [f.name for f in dataclasses.fields(cls)]
     return ", ".join(names)

@@ -22,6 +22,7 @@ from omni_backend.config import RequestLimits
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_CACHE_THRESHOLD = 10.0  # far above any useful step-cache threshold (0.05 - 1.5 in the field)
+MAX_LORA_SCALE = 8.0  # |lora_scale|: LoRA weights are trained for ~1; far beyond is noise, not style
 
 
 class InvalidRequestError(ValueError):
@@ -62,6 +63,14 @@ class SamplingParams:
     guidance_scale_2: float | None = None  # None: the family's own fallback (e.g. guidance_scale)
 
 
+@dataclass(frozen=True)
+class LoraSelection:
+    """The LoRA adapter a request runs with (part of its batching key: one adapter per transformer call)."""
+
+    name: str  # adapter folder name under the model's lora_dir
+    scale: float = 1.0  # multiplies the adapter's update, as diffusers' set_adapters(weights=...)
+
+
 @dataclass(eq=False)  # identity: two requests are never "equal", and tensors don't compare to bools
 class DiffusionRequest:
     """One validated request, as the engine schedules it."""
@@ -72,6 +81,7 @@ class DiffusionRequest:
     negative_prompt: str | None = None
     # Tensors from the text-encoder stage (ensemble): skip encode. Names are the family's.
     conditioning: dict[str, Any] | None = None
+    lora: LoraSelection | None = None  # None: the base weights
     preview_every: int = 0  # stream a preview image every N steps (0: none)
     queue_deadline: float | None = None  # time.monotonic() by which it must have started, else it fails
     arrival_time: float = field(default_factory=time.monotonic)
@@ -215,6 +225,16 @@ def parse_sampling_params(
         num_frames=_parse_num_frames(inputs, defaults, limits, height * width),
         guidance_scale_2=guidance_2,
     )
+
+
+def parse_lora(inputs: Mapping[str, np.ndarray], limits: RequestLimits) -> LoraSelection | None:
+    """``lora_name`` / ``lora_scale``; whether the name exists is the model's LoRA registry's to check."""
+    name = parse_text(inputs, "lora_name", limits)
+    if name is None:
+        if "lora_scale" in inputs:
+            raise InvalidRequestError("lora_scale", "only applies with lora_name")
+        return None
+    return LoraSelection(name, _float_in(inputs, "lora_scale", 1.0, -MAX_LORA_SCALE, MAX_LORA_SCALE))
 
 
 def _parse_num_frames(

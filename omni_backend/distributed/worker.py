@@ -39,6 +39,7 @@ from omni_backend.distributed.spec import resolve_spec
 from omni_backend.distributed.validate import validate_parallel
 from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.scheduler import StepPlan, StepResult
+from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component
 from omni_backend.runner.control import RunnerControl
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_stages
@@ -121,6 +122,8 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
 
 class ParallelRunner:
     """The driver of a worker group; a drop-in for ModelRunner in the engine."""
+
+    loras = None  # LoRA is not supported with a worker group (config.py rejects lora_dir there)
 
     def __init__(
         self,
@@ -232,9 +235,11 @@ def make_runner(
     output: RunnerOutput,
     device: torch.device,
     name: str = "model",
+    loras: LoraRegistry | None = None,
 ) -> ModelRunner | ParallelRunner:
     """World size 1 runs in-process; larger worlds in a worker group."""
     if config.parallel.world_size == 1:
-        control = RunnerControl(lambda: stages, config, components, name)
-        return ModelRunner(stages, output, synchronize=config.engine.log_stage_timings, control=control)
+        control = RunnerControl(lambda: stages, config, components, name, loras=loras)
+        synchronize = config.engine.log_stage_timings
+        return ModelRunner(stages, output, synchronize=synchronize, control=control, loras=loras)
     return ParallelRunner(stages, config, components, output, str(device), name)

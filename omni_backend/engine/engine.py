@@ -77,7 +77,8 @@ class DiffusionEngine:
         self.drain = drain or DrainSignal(None)
         self._draining = False
         self.config = config
-        self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key)
+        admits = runner.loras.admits if runner.loras is not None else None
+        self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key, admits)
         self.observer = observer or EngineObserver()
         self._clients: dict[str, _Client] = {}
         self._wakeup = threading.Condition()

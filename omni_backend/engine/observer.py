@@ -30,3 +30,6 @@ class AccelerationObserver:
 
     def on_offload_bytes(self, moved: int) -> None:
         """Offloading moved ``moved`` bytes of weights between host and device."""
+
+    def on_lora_resident(self, resident: int) -> None:
+        """``resident`` LoRA adapters are loaded on the transformer now."""

@@ -9,6 +9,9 @@ unit-tested on CPU with hand-built results.
   single transformer call, whatever its step index and total step count.
 - Keys take turns round robin, one step each, so a short 256x256 request is never stuck
   behind a long 1024x1024 batch (no head-of-line blocking across keys).
+- A request's LoRA adapter (name and scale) is part of its key: one transformer call runs one
+  adapter setting. An optional admission gate (the model's LoRA registry) holds the oldest waiting
+  request back while its adapter could not be resident next to those of the running requests.
 
 ``RequestLevelScheduler`` is the classic alternative (Triton's dynamic batching inside the
 model): a batch is formed only when nothing is running and runs to completion. It exists to be
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from omni_backend.config import EngineConfig
@@ -76,10 +79,19 @@ class StepResult:
     progress: list[StepProgress] = field(default_factory=list)  # every request that took the step
 
 
+AdmissionGate = Callable[[DiffusionRequest, Collection[DiffusionRequest]], bool]  # (request, running) -> may join
+
+
 class StepScheduler:
-    def __init__(self, config: EngineConfig, batch_key: Callable[[DiffusionRequest], Hashable]):
+    def __init__(
+        self,
+        config: EngineConfig,
+        batch_key: Callable[[DiffusionRequest], Hashable],
+        admits: AdmissionGate | None = None,
+    ):
         self.config = config
-        self.batch_key = batch_key
+        self.family_key = batch_key
+        self.admits = admits
         self.waiting: deque[DiffusionRequest] = deque()  # FIFO by arrival
         self.running: dict[Hashable, dict[str, DiffusionRequest]] = {}  # key -> requests, in turn order
         self.joining: dict[Hashable, list[DiffusionRequest]] = {}  # admitted, not yet prepared by the runner
@@ -97,6 +109,14 @@ class StepScheduler:
             raise QueueFullError(f"over the rate limit of {self.config.max_request_rate:g} requests/s; retry later")
         self.waiting.append(request)
 
+    def batch_key(self, request: DiffusionRequest) -> Hashable:
+        return (self.family_key(request), request.lora)
+
+    def _may_join(self, request: DiffusionRequest) -> bool:
+        if self.admits is None:
+            return True
+        return self.admits(request, [r for batch in self.running.values() for r in batch.values()])
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -110,7 +130,8 @@ class StepScheduler:
         return StepPlan(admitted=self.joining.pop(key, []), running_ids=list(self.running[key]))
 
     def _admit(self) -> None:
-        while self.waiting and self.num_running < self.config.max_num_seqs:
+        # FIFO: a held-back oldest request holds back the rest, so nobody overtakes it
+        while self.waiting and self.num_running < self.config.max_num_seqs and self._may_join(self.waiting[0]):
             self._join(self.waiting.popleft())
 
     def _join(self, request: DiffusionRequest) -> None:
@@ -151,6 +172,7 @@ class RequestLevelScheduler(StepScheduler):
     def _admit(self) -> None:
         if self.running or not self.waiting:
             return
+        # no admission gate needed: a batch forms when nothing runs and holds one key, so one adapter
         key = self.batch_key(self.waiting[0])
         for request in [r for r in self.waiting if self.batch_key(r) == key][: self.config.max_num_seqs]:
             self.waiting.remove(request)

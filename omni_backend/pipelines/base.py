@@ -82,6 +82,10 @@ class PipelineStages(ABC):
         """The family's StepCacheAdapter (omni_backend/cache/step_cache.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not support step caches")
 
+    def lora_adapter(self) -> Any:
+        """The family's LoraAdapter over its transformer (omni_backend/lora/registry.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
+
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         """A short request of this size with placeholder conditioning, run at load (runner/warmup.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not support warm-up")

@@ -23,6 +23,7 @@ from transformers import T5TokenizerFast
 
 from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.lora.adapter import DiffusersLoraAdapter
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
@@ -121,6 +122,9 @@ class FluxStages(PipelineStages):
 
     def step_cache_adapter(self) -> FluxCacheAdapter:
         return FluxCacheAdapter()
+
+    def lora_adapter(self) -> DiffusersLoraAdapter:
+        return DiffusersLoraAdapter(self.pipe.transformer, FluxPipeline)  # FluxLoraLoaderMixin's loader
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         length = self.options.max_sequence_length

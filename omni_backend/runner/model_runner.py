@@ -3,7 +3,9 @@
 The same ``execute`` serves the one-model pipeline (finished requests are decoded to ``image``)
 and the ensemble's transformer stage (finished requests hand back ``latents`` for the VAE stage).
 A fault inside a step fails the requests of that step, never the engine; a batch that runs out of
-device memory is retried one request at a time (runner/oom.py).
+device memory is retried one request at a time (runner/oom.py). With LoRA adapters configured, a
+joining request's adapter is loaded at admission (between transformer calls) and each call runs
+with its batch's adapter activated (omni_backend/lora/registry.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from omni_backend.config import ModelConfig
 from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
+from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
@@ -96,10 +99,12 @@ class ModelRunner:
         output: RunnerOutput,
         synchronize: bool = False,
         control: RunnerControl | None = None,
+        loras: LoraRegistry | None = None,
     ):
         self.stages = stages
         self.output = output
         self.control = control  # sleep / wake / profiling (None: no control ops, e.g. unit tests)
+        self.loras = loras  # the model's LoRA adapters, None without lora_dir
         self.states: dict[str, DenoiseState] = {}
         # CUDA runs asynchronously: stage timings are only true if each stage waits for the device
         self._synchronize = synchronize and torch.cuda.is_available()
@@ -135,6 +140,8 @@ class ModelRunner:
             return result
         started = self._clock()
         try:
+            if self.loras is not None:  # one batching key, so one adapter setting for the whole call
+                self.loras.activate(running[0].request.lora)
             noise_preds = run_batched(self.stages.denoise, running, "denoising")
         except Exception as exc:  # a fault in the shared call fails every request in it
             self._fail(running, "denoising step", exc, result)
@@ -180,10 +187,11 @@ class ModelRunner:
                 StepProgress(request_id, state.step_index, len(state.timesteps), previews.get(request_id))
             )
 
-    def _admit(self, requests: Sequence[DiffusionRequest], result: StepResult) -> set[str]:
+    def _admit(self, joining: Sequence[DiffusionRequest], result: StepResult) -> set[str]:
         """Encode (one batched pass) and prepare the requests joining now; return the ids that failed."""
+        requests = self._acquire_loras(joining, result)
         if not requests:
-            return set()
+            return {r.request_id for r in joining}
         started = self._clock()
         try:
             to_encode = [r for r in requests if r.conditioning is None]
@@ -204,12 +212,30 @@ class ModelRunner:
                 self.states.pop(request_id, None)
                 result.finished.append(DiffusionOutput(request_id, error=message))
             self.stages.release(ids)
-            return {r.request_id for r in requests}
+            return {r.request_id for r in joining}
         elapsed = self._clock() - started
         for request in requests:
             if request.request_id in self.states:
                 self.states[request.request_id].timings.encode_s = elapsed
-        return {r.request_id for r in requests if r.request_id not in self.states}
+        return {r.request_id for r in joining if r.request_id not in self.states}
+
+    def _acquire_loras(self, joining: Sequence[DiffusionRequest], result: StepResult) -> list[DiffusionRequest]:
+        """Make the joiners' adapters resident; a request whose adapter fails to load fails alone."""
+        if self.loras is None:
+            return list(joining)
+        in_use = {r.lora.name for r in [s.request for s in self.states.values()] + list(joining) if r.lora}
+        kept = []
+        for request in joining:
+            name = request.lora.name if request.lora is not None else None
+            try:
+                if name is not None:
+                    self.loras.acquire(name, in_use)
+            except Exception as exc:
+                logger.exception("request %s: loading LoRA adapter %r failed", request.request_id, name)
+                self._fail_one(request.request_id, f"loading LoRA adapter {name!r} failed: {exc}", result)
+                continue
+            kept.append(request)
+        return kept
 
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
         started = self._clock()

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from omni_backend.config import ModelConfig, parameters_from_model_config, parse_model_config
+from omni_backend.lora.registry import LoraRegistry, create_lora_registry
 from omni_backend.pipelines.base import Component, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.runner.model_runner import load_stages, resolve_device
@@ -23,6 +24,7 @@ class OmniModel:
 
     config: ModelConfig
     stages: PipelineStages
+    loras: LoraRegistry | None  # the model's LoRA adapters (config lora_dir), None without
     device: torch.device  # the instance's device (rank 0's when the model runs a worker group)
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -39,6 +41,7 @@ class OmniModel:
         # test-only OOM injection, enabled by the server's environment, never by a request
         metrics = TritonAccelerationMetrics(self.model_name)
         self.stages = faults.maybe_inject(load_stages(self.config, self.components, local, metrics))
+        self.loras = create_lora_registry(self.config, self.stages, self.components, metrics)
         self.log.info(
             "loaded %s (%s) from %s on %s, %s",
             self.model_name,

@@ -23,6 +23,7 @@ from omni_backend.engine.control import FIELD as CONTROL
 from omni_backend.engine.control import ControlCall, ControlReply, parse_control
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.scheduler import QueueFullError, StepProgress
+from omni_backend.lora.registry import validate_lora
 from omni_backend.pipelines.base import Component
 from omni_backend.request import (
     DiffusionOutput,
@@ -30,6 +31,7 @@ from omni_backend.request import (
     ErrorKind,
     InvalidRequestError,
     parse_int,
+    parse_lora,
     parse_prompt_request,
     parse_sampling_params,
     parse_text,
@@ -53,7 +55,9 @@ class _EngineModel(OmniModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         self._ids = itertools.count()
-        runner = make_runner(self.stages, self.config, self.components, self.output, self.device, self.model_name)
+        runner = make_runner(
+            self.stages, self.config, self.components, self.output, self.device, self.model_name, self.loras
+        )
         # before the engine starts: Triton marks the model READY only once initialize returns
         sizes = warmup_sizes(self.config, self.stages)
         warm_up_runner(runner, self.stages, sizes, encode=Component.TEXT_ENCODER in self.components)
@@ -79,6 +83,8 @@ class _EngineModel(OmniModel):
                     self._control(request, request_id, arrays)
                     continue
                 parsed = self.parse(request_id, arrays)
+                parsed.lora = parse_lora(arrays, self.config.limits)
+                validate_lora(self.loras, parsed.lora)
                 check_cache_threshold(self.config.acceleration.cache_backend, parsed.params.cache_threshold)
                 parsed.queue_deadline = self._queue_deadline(request, parsed.arrival_time)
                 callbacks = (

@@ -74,6 +74,9 @@ class TritonAccelerationMetrics(AccelerationObserver):
     def __init__(self, model_name: str):
         labels, counter = {"model": model_name}, pb_utils.MetricFamily.COUNTER
         self._metrics = {name: _metric(name, text, counter, labels) for name, text in self._SERIES.items()}
+        self._lora_resident = _metric(
+            "omni_lora_resident", "LoRA adapters loaded on the transformer", pb_utils.MetricFamily.GAUGE, labels
+        )
 
     def _add(self, name: str, value: int) -> None:
         if value:
@@ -89,3 +92,6 @@ class TritonAccelerationMetrics(AccelerationObserver):
 
     def on_offload_bytes(self, moved: int) -> None:
         self._add("omni_offload_bytes_total", moved)
+
+    def on_lora_resident(self, resident: int) -> None:
+        self._lora_resident.set(resident)
