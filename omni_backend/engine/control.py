@@ -85,6 +85,7 @@ ARGUMENTS: dict[str, Callable[[dict[str, Any], ControlConfig], dict[str, Any]]] 
     "wake": _no_args,
     "profile_start": _profile_start_args,
     "profile_stop": _profile_stop_args,
+    "list_loras": _no_args,
 }
 # ops that wait for the running requests to finish (admitting none meanwhile) before they run
 WAITS_FOR_IDLE = frozenset({"sleep"})

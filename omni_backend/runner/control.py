@@ -26,6 +26,7 @@ import torch
 
 from omni_backend.config import ModelConfig
 from omni_backend.engine.control import ControlRefusedError
+from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.runner.profiler import StepProfiler
@@ -63,8 +64,10 @@ class RunnerControl:
         components: Component,
         name: str = "model",
         rank: int = 0,
+        loras: LoraRegistry | None = None,
     ):
         self._stages = stages  # a getter: the runner may hold the stages under another name
+        self.loras = loras
         self.config = config
         self.components = components
         self.rank = rank
@@ -76,6 +79,7 @@ class RunnerControl:
             "wake": lambda args: self.wake(),
             "profile_start": lambda args: self.profile_start(args["max_steps"]),
             "profile_stop": lambda args: self.profile_stop(),
+            "list_loras": lambda args: self.list_loras(),
         }
 
     def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +97,11 @@ class RunnerControl:
             status["device_memory_allocated"] = torch.cuda.memory_allocated(device)
             status["device_memory_reserved"] = torch.cuda.memory_reserved(device)
         return status
+
+    def list_loras(self) -> dict[str, Any]:
+        if self.loras is None:
+            raise ControlRefusedError("control", "this model serves no LoRA adapters (lora_dir is not set)")
+        return self.loras.describe()
 
     # ------------------------------------------------------------------ sleep / wake
 
@@ -114,6 +123,9 @@ class RunnerControl:
         accel = self.config.acceleration
         if accel.offload != "none":
             raise ControlRefusedError("control", f"sleep is not supported with offload: {accel.offload}")
+        if level == 2 and self.config.lora.enabled:
+            # PEFT wraps the adapted layers: a fresh load's modules no longer line up with them
+            raise ControlRefusedError("control.level", "sleep level 2 is not supported with lora_dir")
         if level == 2:
             for key, off in (("compile", "none"), ("cache_backend", "none")):
                 if (value := getattr(accel, key)) != off:

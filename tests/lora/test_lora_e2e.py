@@ -6,6 +6,7 @@ alternating adapters evict each other), ``flux_transformer`` (the ensemble's den
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess
 from tests.e2e.conftest import PROTOCOLS, REPOSITORY, RawClient
 from tests.e2e.metrics import scrape, value
+from tests.lora.conftest import ADAPTERS
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,10 @@ def lora_server(tmp_path_factory, model_root: Path, lora_dir: Path):
     for model in MODELS:
         shutil.copytree(REPOSITORY / model, repository / model)
     configure(repository, "flux", lora_dir=str(lora_dir), max_loras="1")
-    configure(repository, "flux_transformer", lora_dir=str(lora_dir), max_loras="2", pinned_loras="style2")
+    configure(
+        repository, "flux_transformer", lora_dir=str(lora_dir), max_loras="2", pinned_loras="style2",
+        enable_control="true",  # list_loras
+    )
     process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
     process.start(timeout=600)
     yield process
@@ -136,3 +141,10 @@ def test_bad_lora_inputs_are_invalid_arg_and_the_server_keeps_serving(client, mo
     assert not wrong
     image = client.infer(model, values(31, ("style1", 1.0)))
     assert_same_image(image, expected(lora_reference, flux_reference, 31, ("style1", 1.0)))
+
+
+def test_list_loras_over_the_control_channel(client):
+    raw = client.infer("flux_transformer", {"control": json.dumps({"op": "list_loras"})}, "control_result")
+    listing = json.loads(raw[0])
+    assert listing["available"] == sorted(ADAPTERS) and listing["max_loras"] == 2
+    assert listing["pinned"] == ["style2"] and "style2" in listing["resident"]

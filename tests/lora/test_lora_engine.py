@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from omni_backend.config import EngineConfig, LoraConfig, parse_model_config
+from omni_backend.config import ControlConfig, EngineConfig, LoraConfig, ModelConfig, parse_model_config
+from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.lora.registry import LoraRegistry, create_lora_registry
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, LoraSelection, SamplingParams
+from omni_backend.runner.control import RunnerControl
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_accelerated
 from omni_backend.testing.compare import assert_same_image
+from tests.lora.conftest import ADAPTERS
 
 PROMPT, SIZE, STEPS = "a red circle on a blue background", 64, 3
 
@@ -170,3 +173,20 @@ def test_a_step_cache_runs_each_request_with_its_adapter(tiny_flux, lora_dir, lo
     outputs, _ = serve(cached, loras, requests)
     for i, lora in enumerate(mix):
         assert_same_image(image(outputs[str(i)]), reference(lora_reference, flux_reference, 50 + i, lora))
+
+
+def test_list_loras_control_op(stages, tiny_flux, lora_dir):
+    """``list_loras`` answers the registry's listing; a model without lora_dir refuses it, naming it."""
+    loras = registry(stages, lora_dir, max_loras=2, pinned="style1")
+    lora = LoraConfig(str(lora_dir), 2, "style1")
+    control_config = ControlConfig(enable_control=True)
+    config = ModelConfig("flux", str(tiny_flux), control=control_config, lora=lora, options=FluxOptions())
+    control = RunnerControl(lambda: stages, config, Component.ALL, loras=loras)
+    assert control.handle("list_loras", {}) == {
+        "available": sorted(ADAPTERS), "resident": ["style1"], "pinned": ["style1"], "max_loras": 2,
+    }
+    with pytest.raises(ControlRefusedError, match="sleep level 2 is not supported with lora_dir"):
+        control.handle("sleep", {"level": 2})  # PEFT-wrapped layers would not line up with a fresh load
+    bare = RunnerControl(lambda: stages, ModelConfig("flux", str(tiny_flux), options=FluxOptions()), Component.ALL)
+    with pytest.raises(ControlRefusedError, match="lora_dir is not set"):
+        bare.handle("list_loras", {})
