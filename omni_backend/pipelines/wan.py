@@ -25,7 +25,7 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays, tensor_from_array
-from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens; WanPipeline's default
 
@@ -111,6 +111,18 @@ class WanT2VStages(PipelineStages):
             else self.options.max_sequence_length
         )
         return (params.height, params.width, params.num_frames, text_len)
+
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        # the default frame count and CFG on: both rows of the call, and with two steps both experts
+        embeds = torch.zeros(self.options.max_sequence_length, self.text_dim)
+        conditioning = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
+        defaults = self.defaults
+        params = SamplingParams(height, width, 2, defaults.guidance_scale, 1.0, 0, num_frames=defaults.num_frames)
+        return DiffusionRequest("warm-up", params, conditioning=conditioning), conditioning
+
+    def warmup_latents(self, height: int, width: int) -> torch.Tensor:
+        frames = (self.defaults.num_frames - 1) // self.temporal_factor + 1
+        return torch.zeros(1, self.latent_channels, frames, height // self.spatial_factor, width // self.spatial_factor)
 
     # ------------------------------------------------------------------ 1. encode
 

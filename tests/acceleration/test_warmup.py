@@ -103,3 +103,21 @@ def _config(tiny_flux, **parameters: str):
     from omni_backend.pipelines.flux import FluxOptions
 
     return parse_model_config({"family": "flux", "model": str(tiny_flux), **parameters}, FluxOptions)
+
+
+def test_video_family_warms_both_experts_and_its_vae(tiny_wan22_t2v):
+    import torch
+
+    from omni_backend.pipelines.wan import WanOptions, WanT2VStages
+
+    stages = WanT2VStages.load(str(tiny_wan22_t2v), Component.ALL, torch.float32, torch.device("cpu"), WanOptions())
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:
+        getattr(stages.pipe, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    decoded = _record(stages, "decode")
+    runner = ModelRunner(stages, RunnerOutput.IMAGE)
+    warm_up_runner(runner, stages, [(32, 32)], encode=True)
+    assert calls == {"transformer": 2, "transformer_2": 2}  # 2 steps cross the boundary, alone and paired
+    assert runner.states == {} and decoded == [1, 2]
+    warm_up_vae(stages, [(32, 32)])
+    assert decoded == [1, 2, 1, 2]
