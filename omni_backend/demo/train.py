@@ -14,11 +14,9 @@ Three phases, all seeded (same arguments and torch build, same weights):
    Its latent mean / std become ``shift_factor`` / ``scaling_factor``, as FLUX.1's VAE has them.
 3. transformer: ``FluxTransformer2DModel`` without guidance embedding (schnell-like), trained
    with FLUX's rectified flow on fresh pictures encoded by the frozen VAE:
-   ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` is drawn, then shifted by the
+   ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` is uniform then shifted by the
    same ``exp(mu)`` the pipeline's dynamic shifting applies at 64 tokens, so training covers
-   exactly the sigmas sampling visits (``t`` logit-normal before the shift, as SD3 and FLUX train). The
-   MSE weighs the latent tokens the shape covers up (``shape_weight``). The saved weights are an
-   exponential moving average.
+   exactly the sigmas sampling visits. The saved weights are an exponential moving average.
 
 Writes ``DIR`` (``FluxPipeline.save_pretrained`` layout, safetensors) and, beside the weights,
 ``DIR/training/loss.csv`` and ``loss.png``.
@@ -62,13 +60,10 @@ class TrainConfig:
     vae_crop: int = 32  # the VAE is fully convolutional: it learns edges and colors on crops, 4x cheaper
     vae_lr: float = 2e-3
     latents: int = 8192  # pictures encoded once for the transformer phase
-    steps: int = 6000
-    batch: int = 32
+    steps: int = 10000
+    batch: int = 16
     lr: float = 1e-3
     ema: float = 0.995
-    # extra loss weight of the latent tokens the shape covers: the shape is 4-20% of a picture, so with a
-    # plain MSE the background's error dominates and the model learns shapes last (if at all, in budget)
-    shape_weight: float = 4.0
     save_every: int = 500
     hidden: int = 128  # transformer width = heads x head dim
     layers: int = 2  # double-stream blocks
@@ -207,41 +202,34 @@ def set_latent_statistics(vae, seed: int) -> None:
 
 
 @torch.no_grad()
-def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A pool of ``cfg.latents`` pictures: normalized packed latents [N, 64, 64], caption ids [N] and
-    loss weights per token [N, 64] (1 + ``shape_weight`` x the fraction of the token's pixels in the shape).
+def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool of ``cfg.latents`` pictures as normalized, packed latents [N, 64, 64] and caption ids [N].
 
     Encoding is what a training step would spend most on; the pool is reused with fresh noise and
     timesteps every epoch (positions and sizes are continuous, so 12k pictures rarely repeat a layout).
     """
     index = {scene: i for i, scene in enumerate(shapes.all_scenes())}
-    vae, latents, ids, weights = pipe.vae, [], [], []
+    vae, latents, ids = pipe.vae, [], []
     for chunk in tqdm(range(0, cfg.latents, 256), desc="encode", dynamic_ncols=True):
         x, scenes = pictures(min(256, cfg.latents - chunk), seed=3_000_000 * (cfg.seed + 1) + chunk)
         z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        packed = pipe._pack_latents(z, *z.shape)
-        latents.append(packed)
+        latents.append(pipe._pack_latents(z, *z.shape))
         ids += [index[scene] for scene in scenes]
-        background = torch.tensor([shapes.PALETTE[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1
-        in_shape = ((x - background[:, :, None, None]).abs().amax(dim=1) > 1e-3).float()  # [n, 64, 64]
-        side = math.isqrt(packed.shape[1])
-        coverage = torch.nn.functional.adaptive_avg_pool2d(in_shape[:, None], side).flatten(1)  # token order
-        weights.append(1 + cfg.shape_weight * coverage)
-    return torch.cat(latents), torch.tensor(ids), torch.cat(weights)
+    return torch.cat(latents), torch.tensor(ids)
 
 
 def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One rectified-flow batch from the pool: transformer inputs and the velocity target."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    latents, ids, weights = pool
+    latents, ids = pool
     pick = torch.randint(len(ids), (cfg.batch,), generator=generator)
     x0, caption = latents[pick], ids[pick]
     noise = torch.randn(x0.shape, generator=generator)
     conf = pipe.scheduler.config
     mu = calculate_shift(x0.shape[1], conf.base_image_seq_len, conf.max_image_seq_len, conf.base_shift, conf.max_shift)
-    u = torch.sigmoid(torch.randn(cfg.batch, generator=generator))  # logit-normal, as SD3 / FLUX train
-    t = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # the pipeline's time_shift
+    u = torch.rand(cfg.batch, generator=generator).clamp(min=1e-3)
+    t = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # the pipeline's time_shift of a uniform t
     side = int(math.isqrt(x0.shape[1]))  # packed tokens per side
     embeds, pooled = text
     return {
@@ -252,7 +240,6 @@ def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -
         "txt_ids": torch.zeros(embeds.shape[1], 3),
         "img_ids": pipe._prepare_latent_image_ids(cfg.batch, side, side, x0.device, x0.dtype),
         "target": noise - x0,
-        "weight": weights[pick][:, :, None],
     }
 
 
@@ -293,9 +280,9 @@ def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
     transformer.train()
     for step in (bar := tqdm(range(cfg.steps), desc="transformer", dynamic_ncols=True)):
         batch = flow_batch(pipe, pool, (embeds, pooled), cfg, generator)
-        target, weight = batch.pop("target"), batch.pop("weight")
+        target = batch.pop("target")
         pred = transformer(**batch, guidance=None, return_dict=False)[0]
-        loss = (weight * (pred - target) ** 2).mean() / weight.mean()  # MSE, shape tokens weighted up
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
