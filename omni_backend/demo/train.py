@@ -60,7 +60,7 @@ class TrainConfig:
     vae_crop: int = 32  # the VAE is fully convolutional: it learns edges and colors on crops, 4x cheaper
     vae_lr: float = 2e-3
     latents: int = 8192  # pictures encoded once for the transformer phase
-    steps: int = 10000
+    steps: int = 6000  # the committed checkpoint: a 10000-step run stopped at 6000 (snapshots are exact)
     batch: int = 16
     lr: float = 1e-3
     ema: float = 0.995
