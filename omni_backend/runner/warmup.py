@@ -64,7 +64,9 @@ def _family_request(stages: PipelineStages, height: int, width: int) -> tuple[Di
         raise ConfigError(f"warmup_sizes: {exc}") from None
 
 
-def warm_up_runner(runner, stages: PipelineStages, sizes: list[tuple[int, int]], encode: bool) -> None:
+def warm_up_runner(
+    runner, stages: PipelineStages, sizes: list[tuple[int, int]], encode: bool, log: logging.Logger = logger
+) -> None:
     """Each size alone and as a pair through ``runner`` (a ModelRunner or ParallelRunner), to the end.
 
     Batch 1 and batch >= 2 are what a shape needs (compiled graphs specialise a dimension of size 1;
@@ -84,18 +86,18 @@ def warm_up_runner(runner, stages: PipelineStages, sizes: list[tuple[int, int]],
                         raise RuntimeError(f"warm-up at {height}x{width} failed: {output.error}")
                     pending.discard(output.request_id)
                 plan = StepPlan(running_ids=sorted(pending))
-        logger.info("warmed up %dx%d in %.2f s", height, width, time.perf_counter() - started)
+        log.info("warmed up %dx%d in %.2f s", height, width, time.perf_counter() - started)
 
 
-def warm_up_text_encoder(stages: PipelineStages, sizes: list[tuple[int, int]]) -> None:
+def warm_up_text_encoder(stages: PipelineStages, sizes: list[tuple[int, int]], log: logging.Logger = logger) -> None:
     """The text-encoder stage: one and two prompts (its output does not depend on the size)."""
     if sizes:
         for count in (1, 2):
             stages.encode(_requests(stages, *sizes[0], count, encode=True))
-        logger.info("warmed up the text encoders")
+        log.info("warmed up the text encoders")
 
 
-def warm_up_vae(stages: PipelineStages, sizes: list[tuple[int, int]]) -> None:
+def warm_up_vae(stages: PipelineStages, sizes: list[tuple[int, int]], log: logging.Logger = logger) -> None:
     """The VAE stage: one and two latents of each size."""
     for height, width in sizes:
         try:
@@ -104,4 +106,4 @@ def warm_up_vae(stages: PipelineStages, sizes: list[tuple[int, int]]) -> None:
             raise ConfigError(f"warmup_sizes: {exc}") from None
         for count in (1, 2):
             stages.decode([latents] * count)
-        logger.info("warmed up the VAE for %dx%d", height, width)
+        log.info("warmed up the VAE for %dx%d", height, width)

@@ -60,7 +60,7 @@ class _EngineModel(OmniModel):
         )
         # before the engine starts: Triton marks the model READY only once initialize returns
         sizes = warmup_sizes(self.config, self.stages)
-        warm_up_runner(runner, self.stages, sizes, encode=Component.TEXT_ENCODER in self.components)
+        warm_up_runner(runner, self.stages, sizes, Component.TEXT_ENCODER in self.components, self.log)
         metrics = TritonEngineMetrics(self.model_name)
         drain = DrainSignal.from_env()
         self.engine = DiffusionEngine(runner, self.config.engine, metrics, drain, self.config.control)

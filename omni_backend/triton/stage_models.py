@@ -26,7 +26,7 @@ class TextEncoderStageModel(OmniModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        warm_up_text_encoder(self.stages, warmup_sizes(self.config, self.stages))
+        warm_up_text_encoder(self.stages, warmup_sizes(self.config, self.stages), self.log)
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses: list[Any] = [None] * len(requests)
@@ -58,7 +58,7 @@ class VaeStageModel(OmniModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        warm_up_vae(self.stages, warmup_sizes(self.config, self.stages))
+        warm_up_vae(self.stages, warmup_sizes(self.config, self.stages), self.log)
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses: list[Any] = [None] * len(requests)

@@ -42,7 +42,8 @@ def warm_server(tmp_path_factory, model_root: Path):
 
 
 def _model_lines(log: str, model: str) -> list[str]:
-    return [line for line in log.splitlines() if f"[{model}]" in line or f"'{model}'" in line]
+    # the model's own logger (omni_backend.triton.<model>) and Triton's "successfully loaded '<model>'"
+    return [line for line in log.splitlines() if f"omni_backend.triton.{model}]" in line or f"'{model}'" in line]
 
 
 @pytest.mark.parametrize("model", sorted(WARMUP_LINES))
