@@ -28,8 +28,6 @@ from omni_backend.request import (
     ErrorKind,
     InvalidRequestError,
     parse_int,
-    parse_prompt_request,
-    parse_sampling_params,
 )
 from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.serving.drain import DrainSignal
@@ -116,7 +114,7 @@ class PipelineModel(_EngineModel):
     output = RunnerOutput.IMAGE
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
-        return parse_prompt_request(request_id, arrays, self.stages.defaults, self.config.limits)
+        return self.stages.parse_request(request_id, arrays, self.config.limits)
 
 
 class StreamingPipelineModel(PipelineModel):
@@ -165,8 +163,4 @@ class TransformerStageModel(_EngineModel):
     output = RunnerOutput.LATENTS
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
-        return DiffusionRequest(
-            request_id=request_id,
-            params=parse_sampling_params(arrays, self.stages.defaults, self.config.limits),
-            conditioning=self.stages.conditioning_from_arrays(arrays),
-        )
+        return self.stages.parse_conditioned_request(request_id, arrays, self.config.limits)
