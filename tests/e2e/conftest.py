@@ -15,7 +15,12 @@ from omni_backend.testing.server import TritonServerProcess
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 PROTOCOLS = ("grpc", "http")
-_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+_DTYPES = {
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.uint8): "UINT8",
+}
 
 
 FLUX_MODELS = ("flux", "flux_ensemble", "flux_stream", "flux_text_encoder", "flux_transformer", "flux_vae")
