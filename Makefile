@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 demo: install
 	$(PY) -m omni_backend.testing.tiny --family flux --out $(OMNI_MODEL_ROOT)/tiny-flux
 	$(PY) -m omni_backend.testing.tiny --family qwen_image --out $(OMNI_MODEL_ROOT)/tiny-qwen-image
+	$(PY) -m omni_backend.testing.tiny --family qwen_image_edit --out $(OMNI_MODEL_ROOT)/tiny-qwen-image-edit
 	$(PY) -m omni_backend.testing.tiny --family wan22_t2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-t2v
 
 serve: demo

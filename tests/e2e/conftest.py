@@ -72,7 +72,9 @@ class RawClient:
         self.protocol = protocol
         self.module = grpcclient if protocol == "grpc" else httpclient
         url = server.grpc_url if protocol == "grpc" else server.http_url
-        self.client = self.module.InferenceServerClient(url, **({} if protocol == "grpc" else {"concurrency": 16}))
+        # HTTP: tritonclient's network timeout is 60 s by default; a busy CPU can run a tiny edit longer
+        options = {} if protocol == "grpc" else {"concurrency": 16, "network_timeout": 900.0}
+        self.client = self.module.InferenceServerClient(url, **options)
 
     def inputs(self, values: dict) -> list:
         tensors = []

@@ -118,7 +118,8 @@ def test_stream_and_cli_give_the_same_edit(edit_server, expected, tmp_path):
     assert_same_image(image, expected(1))
     source, out = tmp_path / "in.png", tmp_path / "out.png"
     Image.fromarray(values["input_image"]).save(source)
-    argv = ["generate", "--url", edit_server.http_url, "--protocol", "http", "--model", "qwen_image_edit_ensemble"]
+    argv = ["generate", "--url", edit_server.http_url, "--protocol", "http", "--timeout", "900"]
+    argv += ["--model", "qwen_image_edit_ensemble"]
     argv += ["--prompt", values["prompt"], "--image", str(source), "--negative-prompt", "blurry", "--seed", "12"]
     assert omni_client_main([*argv, "--height", "64", "--width", "96", "--steps", "2", "--out", str(out)]) == 0
     assert_same_image(np.asarray(Image.open(out)), expected(1))
