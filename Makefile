@@ -27,6 +27,7 @@ demo: install
 	mkdir -p $(OMNI_MODEL_ROOT)
 	rm -rf $(OMNI_MODEL_ROOT)/flux-shapes && cp -r demo/flux-shapes $(OMNI_MODEL_ROOT)/flux-shapes
 	$(PY) -m omni_backend.testing.tiny --family qwen_image --out $(OMNI_MODEL_ROOT)/tiny-qwen-image
+	$(PY) -m omni_backend.testing.tiny --family qwen_image_edit --out $(OMNI_MODEL_ROOT)/tiny-qwen-image-edit
 	$(PY) -m omni_backend.testing.tiny --family wan22_t2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-t2v
 
 serve: demo

@@ -37,6 +37,7 @@ class RequestLimits:
     max_guidance: float = 100.0  # |guidance_scale|, |true_cfg_scale|
     max_frames: int = 257  # num_frames of video families (Wan2.2 makes 81 at 16 fps, 121 at 24 fps)
     max_video_pixels: int = 257 * 1280 * 720  # num_frames * height * width
+    max_input_image_pixels: int = 4096 * 4096  # height * width of input_image (uint8 RGB: 3 bytes a pixel)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from omni_backend.pipelines.base import PipelineStages
 _FAMILIES: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux:FluxStages",
     "qwen_image": "omni_backend.pipelines.qwen_image:QwenImageStages",
+    "qwen_image_edit": "omni_backend.pipelines.qwen_image_edit:QwenImageEditStages",
     "wan22_t2v": "omni_backend.pipelines.wan:WanT2VStages",
 }
 

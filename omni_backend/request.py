@@ -82,6 +82,7 @@ class DiffusionRequest:
     # Tensors from the text-encoder stage (ensemble): skip encode. Names are the family's.
     conditioning: dict[str, Any] | None = None
     lora: LoraSelection | None = None  # None: the base weights
+    input_image: np.ndarray | None = None  # uint8 [H, W, 3] RGB of edit / image-to-video families
     preview_every: int = 0  # stream a preview image every N steps (0: none)
     queue_deadline: float | None = None  # time.monotonic() by which it must have started, else it fails
     arrival_time: float = field(default_factory=time.monotonic)
@@ -272,3 +273,23 @@ def parse_prompt_request(
         prompt=prompt,
         negative_prompt=parse_text(inputs, "negative_prompt", limits),
     )
+
+
+def parse_input_image(inputs: Mapping[str, np.ndarray], limits: RequestLimits) -> np.ndarray:
+    """``input_image`` (required): uint8 [H, W, 3] RGB within ``max_side`` and ``max_input_image_pixels``."""
+    if "input_image" not in inputs:
+        raise InvalidRequestError("input_image", "is required (uint8 [H, W, 3] RGB)")
+    image = np.asarray(inputs["input_image"])
+    if image.dtype != np.uint8:
+        raise InvalidRequestError("input_image", f"expected uint8 (TYPE_UINT8) pixels, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidRequestError("input_image", f"expected shape [H, W, 3] (RGB), got {list(image.shape)}")
+    height, width = image.shape[:2]
+    if not (1 <= height <= limits.max_side and 1 <= width <= limits.max_side):
+        raise InvalidRequestError("input_image", f"{height}x{width}: each side must be in [1, {limits.max_side}]")
+    if height * width > limits.max_input_image_pixels:
+        raise InvalidRequestError(
+            "input_image",
+            f"{height}x{width} = {height * width} pixels exceeds the limit of {limits.max_input_image_pixels}",
+        )
+    return image

@@ -40,18 +40,23 @@ def tiny_qwen_image(model_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image_edit(model_root: Path) -> Path:
+    return tiny.build("qwen_image_edit", model_root / "tiny-qwen-image-edit", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_wan22_t2v(model_root: Path) -> Path:
     return tiny.build("wan22_t2v", model_root / "tiny-wan22-t2v", seed=0)
 
 
-def _reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:
+def _reference(pipeline_cls, checkpoint: Path, **components) -> Callable[..., np.ndarray]:
     """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
-    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32, **components)
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
         generator = torch.Generator("cpu").manual_seed(seed)
-        image = pipe(prompt, generator=generator, output_type="pil", **kwargs).images[0]
+        image = pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs).images[0]
         return np.asarray(image)
 
     return render
@@ -69,6 +74,17 @@ def qwen_image_reference(tiny_qwen_image: Path):
     from diffusers import QwenImagePipeline
 
     return _reference(QwenImagePipeline, tiny_qwen_image)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_edit_reference(tiny_qwen_image_edit: Path):
+    """QwenImageEditPipeline; ``render(prompt, seed, image=PIL.Image, ...)``. Its ``processor`` is passed in:
+    transformers cannot load a Qwen2VLProcessor without torchvision (see pipelines/qwen_image_edit.py)."""
+    from diffusers import QwenImageEditPipeline
+
+    from omni_backend.pipelines.qwen_image_edit import load_processor
+
+    return _reference(QwenImageEditPipeline, tiny_qwen_image_edit, processor=load_processor(str(tiny_qwen_image_edit)))
 
 
 @pytest.fixture(scope="session")

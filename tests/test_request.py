@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from omni_backend.config import RequestLimits
-from omni_backend.request import InvalidRequestError, SamplingDefaults, parse_prompt_request
+from omni_backend.request import InvalidRequestError, SamplingDefaults, parse_input_image, parse_prompt_request
 
 DEFAULTS = SamplingDefaults(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5, size_multiple=16)
 LIMITS = RequestLimits()
@@ -108,3 +108,25 @@ def test_video_defaults_and_values():
 def test_bad_video_input_names_the_field(inputs, message):
     with pytest.raises(InvalidRequestError, match=message):
         parse_video(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("image", "limits", "message"),
+    [
+        (None, LIMITS, "input_image: is required"),
+        (np.zeros((4, 4, 3), np.int32), LIMITS, "input_image: expected uint8"),
+        (np.zeros((4, 4, 4), np.uint8), LIMITS, r"input_image: expected shape \[H, W, 3\] \(RGB\), got \[4, 4, 4\]"),
+        (np.zeros((4, 0, 3), np.uint8), LIMITS, r"input_image: 4x0: each side must be in \[1, 4096\]"),
+        (np.zeros((1, 9, 3), np.uint8), RequestLimits(max_side=8), r"input_image: 1x9: each side must be in \[1, 8\]"),
+        (np.zeros((5, 5, 3), np.uint8), RequestLimits(max_input_image_pixels=24), "25 pixels exceeds the limit of 24"),
+    ],
+)
+def test_bad_input_image_names_the_field(image, limits, message):
+    inputs = {} if image is None else {"input_image": image}
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_input_image(inputs, limits)
+
+
+def test_input_image_within_limits_is_taken_as_is():
+    image = np.arange(5 * 4 * 3, dtype=np.uint8).reshape(5, 4, 3)
+    assert parse_input_image({"input_image": image}, RequestLimits(max_input_image_pixels=20)) is image

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from omni_backend.config import RequestLimits
-from omni_backend.request import DiffusionRequest, SamplingDefaults, StageTimings
+from omni_backend.request import (
+    DiffusionRequest,
+    SamplingDefaults,
+    StageTimings,
+    parse_prompt_request,
+    parse_sampling_params,
+)
 
 # Per-request text conditioning, keyed by the family's tensor names (no batch dimension).
 Conditioning = dict[str, torch.Tensor]
@@ -111,6 +117,22 @@ class PipelineStages(ABC):
     def defaults(self) -> SamplingDefaults:
         """Defaults and size step of this checkpoint."""
 
+    def parse_request(
+        self, request_id: str, arrays: Mapping[str, np.ndarray], limits: RequestLimits
+    ) -> DiffusionRequest:
+        """A request of the one-model pipeline or the encoder stage (InvalidRequestError if bad)."""
+        return parse_prompt_request(request_id, arrays, self.defaults, limits)
+
+    def parse_conditioned_request(
+        self, request_id: str, arrays: Mapping[str, np.ndarray], limits: RequestLimits
+    ) -> DiffusionRequest:
+        """A request of the transformer stage: sampling params and the encoder stage's conditioning."""
+        return DiffusionRequest(
+            request_id=request_id,
+            params=parse_sampling_params(arrays, self.defaults, limits),
+            conditioning=self.conditioning_from_arrays(arrays),
+        )
+
     @abstractmethod
     def batch_key(self, request: DiffusionRequest) -> Hashable:
         """Requests with equal keys can share one transformer call."""
@@ -164,8 +186,12 @@ def load_pipeline(
     device: torch.device,
     text_modules: Sequence[str] = ("text_encoder", "tokenizer"),
     transformer_modules: Sequence[str] = ("transformer",),
+    loaded: Mapping[str, Any] | None = None,
 ) -> Any:
-    """``pipeline_cls.from_pretrained`` loading only ``components`` (an ensemble stage loads one), on ``device``."""
+    """``pipeline_cls.from_pretrained`` loading only ``components`` (an ensemble stage loads one), on ``device``.
+
+    ``loaded``: modules the family builds itself, handed to ``from_pretrained`` as they are.
+    """
     skip: dict[str, None] = {}
     if Component.TEXT_ENCODER not in components:
         skip.update(dict.fromkeys(text_modules))
@@ -173,7 +199,7 @@ def load_pipeline(
         skip.update(dict.fromkeys(transformer_modules))
     if Component.VAE not in components:
         skip["vae"] = None
-    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip)
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=dtype, **skip, **(loaded or {}))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

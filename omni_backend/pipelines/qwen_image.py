@@ -15,7 +15,7 @@ is combined with diffusers' norm-preserving rescale.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,13 +48,17 @@ class QwenImageState(DenoiseState):
     """A Qwen-Image request between steps."""
 
     conditioning: Conditioning | None = None
-    img_shape: tuple[int, int, int] = (1, 0, 0)  # (frames, latent rows / 2, latent cols / 2) for the RoPE
+    # (frames, latent rows / 2, latent cols / 2) of each image in the sequence, for the RoPE: the one being
+    # denoised, then (edit) the input image
+    img_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    image_latents: torch.Tensor | None = None  # edit: the packed input-image latents appended to the sequence
     do_true_cfg: bool = False  # negative prompt given and true_cfg_scale > 1, as QwenImagePipeline decides
 
 
 class QwenImageStages(PipelineStages):
     options_cls = QwenImageOptions
     pipeline_cls: type = QwenImagePipeline
+    max_sequence_cap = MAX_SEQUENCE_LENGTH  # the largest max_sequence_length the config may set
 
     def __init__(self, pipe: Any, checkpoint: str, options: QwenImageOptions, device: torch.device):
         self.pipe = pipe
@@ -78,12 +82,15 @@ class QwenImageStages(PipelineStages):
     def load(
         cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
     ) -> QwenImageStages:
-        if not 1 <= options.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        if not 1 <= options.max_sequence_length <= cls.max_sequence_cap:
             raise ConfigError(
-                f"max_sequence_length: {options.max_sequence_length} is outside [1, {MAX_SEQUENCE_LENGTH}]"
+                f"max_sequence_length: {options.max_sequence_length} is outside [1, {cls.max_sequence_cap}]"
             )
-        pipe = load_pipeline(cls.pipeline_cls, checkpoint, components, dtype, device)
-        return cls(pipe, checkpoint, options, device)
+        return cls(cls.load_pipe(checkpoint, components, dtype, device), checkpoint, options, device)
+
+    @classmethod
+    def load_pipe(cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device) -> Any:
+        return load_pipeline(cls.pipeline_cls, checkpoint, components, dtype, device)
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -104,18 +111,25 @@ class QwenImageStages(PipelineStages):
 
     @torch.inference_mode()
     def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
-        out: list[Conditioning] = [{"prompt_embeds": e} for e in self._encode_texts([r.prompt for r in requests])]
+        return self._encode_prompts(requests, None)
+
+    def _encode_prompts(self, requests: Sequence[DiffusionRequest], images: list[Any] | None) -> list[Conditioning]:
+        """Prompt (and true-CFG negative) embeddings of each request; ``images``: the edit's, one per request."""
+        texts = [r.prompt for r in requests]
+        out: list[Conditioning] = [{"prompt_embeds": e} for e in self._encode_texts(texts, images)]
         cfg_rows = [i for i, r in enumerate(requests) if _wants_true_cfg(r.negative_prompt, r.params.true_cfg_scale)]
         if cfg_rows:
-            negatives = self._encode_texts([requests[i].negative_prompt for i in cfg_rows])
+            negative_images = None if images is None else [images[i] for i in cfg_rows]
+            negatives = self._encode_texts([requests[i].negative_prompt for i in cfg_rows], negative_images)
             for i, embeds in zip(cfg_rows, negatives, strict=True):
                 out[i]["negative_prompt_embeds"] = embeds
         return out
 
-    def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
+    def _encode_texts(self, texts: list[str], images: list[Any] | None) -> list[torch.Tensor]:
         """One Qwen2.5-VL pass over many prompts; each keeps only its own tokens (no padding)."""
+        with_images = {} if images is None else {"image": images}
         embeds, mask = self.pipe.encode_prompt(
-            prompt=texts, device=self.device, max_sequence_length=self.options.max_sequence_length
+            prompt=texts, device=self.device, max_sequence_length=self.options.max_sequence_length, **with_images
         )
         lengths = [embeds.shape[1]] * len(texts) if mask is None else mask.sum(dim=1).tolist()
         return [embeds[i, :n] for i, n in enumerate(lengths)]
@@ -130,14 +144,11 @@ class QwenImageStages(PipelineStages):
     @torch.inference_mode()
     def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> QwenImageState:
         params = request.params
-        transformer = self.pipe.transformer
-        dtype = transformer.dtype
+        dtype = self.pipe.transformer.dtype
         conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
         # Same draw as QwenImagePipeline(generator=torch.Generator("cpu").manual_seed(seed)).
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        latents = self.pipe.prepare_latents(
-            1, transformer.config.in_channels // 4, params.height, params.width, dtype, self.device, generator
-        )
+        latents = self._initial_latents(params.height, params.width, dtype, generator)
         scheduler, timesteps = self._schedule(params.num_inference_steps, latents.shape[1])
         patch = self.vae_scale_factor * 2
         return QwenImageState(
@@ -146,9 +157,13 @@ class QwenImageStages(PipelineStages):
             timesteps=timesteps,
             scheduler=scheduler,
             conditioning=conditioning,
-            img_shape=(1, params.height // patch, params.width // patch),
+            img_shapes=[(1, params.height // patch, params.width // patch)],
             do_true_cfg=params.true_cfg_scale > 1 and "negative_prompt_embeds" in conditioning,
         )
+
+    def _initial_latents(self, height: int, width: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        channels = self.pipe.transformer.config.in_channels // 4
+        return self.pipe.prepare_latents(1, channels, height, width, dtype, self.device, generator)
 
     def _schedule(self, steps: int, image_seq_len: int) -> tuple[Any, torch.Tensor]:
         """A scheduler of the request's own and its timesteps, shifted by the image sequence length."""
@@ -183,7 +198,8 @@ class QwenImageStages(PipelineStages):
 
     def _transformer(self, rows: list[tuple[QwenImageState, str]]) -> torch.Tensor:
         """One transformer call over (state, branch prefix) rows: the state's latents, that branch's text."""
-        latents = torch.cat([s.latents for s, _ in rows])
+        # the edit's input-image latents follow the noisy ones in the sequence; only the latter are predicted
+        latents = torch.cat([_model_input(s) for s, _ in rows])
         timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(latents.dtype)
         text, mask = pad_sequences([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
         guidance = None
@@ -197,9 +213,9 @@ class QwenImageStages(PipelineStages):
             guidance=guidance,
             encoder_hidden_states_mask=mask,
             encoder_hidden_states=text,
-            img_shapes=[[s.img_shape] for s, _ in rows],
+            img_shapes=[s.img_shapes for s, _ in rows],
             return_dict=False,
-        )[0]
+        )[0][:, : rows[0][0].latents.shape[1]]
 
     # ------------------------------------------------------------------ 4. decode
 
@@ -240,6 +256,12 @@ class QwenImageStages(PipelineStages):
         pixels = self.pipe.image_processor.postprocess(image, output_type="np")
         # the same rounding as diffusers' numpy_to_pil, so PIL output and ours agree exactly
         return [(p * 255).round().astype(np.uint8) for p in pixels]
+
+
+def _model_input(state: QwenImageState) -> torch.Tensor:
+    if state.image_latents is None:
+        return state.latents
+    return torch.cat([state.latents, state.image_latents], dim=1)
 
 
 def _wants_true_cfg(negative_prompt: str | None, true_cfg_scale: float) -> bool:

@@ -173,6 +173,7 @@ def _lazy(target: str) -> Callable[[Path, int], Path]:
 BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "flux": build_tiny_flux,
     "qwen_image": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image"),
+    "qwen_image_edit": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image_edit"),
     "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
 }
 

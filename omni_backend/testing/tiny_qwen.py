@@ -7,6 +7,7 @@ mean/std) and the MMDiT ``QwenImageTransformer2DModel`` on 2x2-packed latents, o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -109,3 +110,35 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     from omni_backend.testing.tiny import save_pipeline
 
     return save_pipeline(QwenImagePipeline(**qwen_image_components(seed)), out_dir)
+
+
+# The VL image processor's pixel budget: real Qwen2.5-VL takes up to 1280 28x28 patches; a few keep it fast.
+TINY_VISION_MIN_PIXELS = 28 * 28 * 4
+TINY_VISION_MAX_PIXELS = 28 * 28 * 16
+
+
+def build_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image-Edit checkpoint (``QwenImageEditPipeline`` layout).
+
+    The same modules as Qwen-Image plus ``processor/`` (Qwen2.5-VL's image processor and the
+    tokenizer, as Qwen/Qwen-Image-Edit ships them). The processor is saved by its parts:
+    transformers cannot build a ``Qwen2VLProcessor`` without torchvision (its video processor);
+    ``omni_backend.pipelines.qwen_image_edit.load_processor`` loads it back.
+    """
+    from diffusers import QwenImageEditPipeline
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from omni_backend.testing.tiny import save_pipeline
+
+    components = qwen_image_components(seed)
+    out = save_pipeline(QwenImageEditPipeline(**components, processor=None), out_dir)
+    processor_dir = out / "processor"
+    Qwen2VLImageProcessorPil(min_pixels=TINY_VISION_MIN_PIXELS, max_pixels=TINY_VISION_MAX_PIXELS).save_pretrained(
+        processor_dir
+    )
+    components["tokenizer"].save_pretrained(processor_dir)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # as in Qwen/Qwen-Image-Edit's model_index.json
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out

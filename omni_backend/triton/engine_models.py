@@ -32,8 +32,6 @@ from omni_backend.request import (
     InvalidRequestError,
     parse_int,
     parse_lora,
-    parse_prompt_request,
-    parse_sampling_params,
     parse_text,
 )
 from omni_backend.runner.model_runner import RunnerOutput
@@ -150,7 +148,7 @@ class PipelineModel(_EngineModel):
     output = RunnerOutput.IMAGE
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
-        return parse_prompt_request(request_id, arrays, self.stages.defaults, self.config.limits)
+        return self.stages.parse_request(request_id, arrays, self.config.limits)
 
 
 class StreamingPipelineModel(PipelineModel):
@@ -199,8 +197,4 @@ class TransformerStageModel(_EngineModel):
     output = RunnerOutput.LATENTS
 
     def parse(self, request_id: str, arrays: Mapping[str, np.ndarray]) -> DiffusionRequest:
-        return DiffusionRequest(
-            request_id=request_id,
-            params=parse_sampling_params(arrays, self.stages.defaults, self.config.limits),
-            conditioning=self.stages.conditioning_from_arrays(arrays),
-        )
+        return self.stages.parse_conditioned_request(request_id, arrays, self.config.limits)

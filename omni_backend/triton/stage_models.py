@@ -13,7 +13,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from omni_backend.pipelines.base import Component
-from omni_backend.request import InvalidRequestError, parse_prompt_request
+from omni_backend.request import InvalidRequestError
 from omni_backend.runner.warmup import warm_up_text_encoder, warm_up_vae, warmup_sizes
 from omni_backend.triton import tensors
 from omni_backend.triton.base import OmniModel
@@ -34,7 +34,7 @@ class TextEncoderStageModel(OmniModel):
         for i, request in enumerate(requests):
             try:
                 arrays = tensors.request_arrays(request)
-                valid.append((i, parse_prompt_request(str(i), arrays, self.stages.defaults, self.config.limits)))
+                valid.append((i, self.stages.parse_request(str(i), arrays, self.config.limits)))
             except InvalidRequestError as exc:
                 responses[i] = tensors.invalid_arg(exc)
         if valid:

@@ -15,7 +15,12 @@ from omni_backend.testing.server import TritonServerProcess
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 PROTOCOLS = ("grpc", "http")
-_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+_DTYPES = {
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.uint8): "UINT8",
+}
 
 
 FLUX_MODELS = ("flux", "flux_ensemble", "flux_stream", "flux_text_encoder", "flux_transformer", "flux_vae")
@@ -74,7 +79,9 @@ class RawClient:
         self.protocol = protocol
         self.module = grpcclient if protocol == "grpc" else httpclient
         url = server.grpc_url if protocol == "grpc" else server.http_url
-        self.client = self.module.InferenceServerClient(url, **({} if protocol == "grpc" else {"concurrency": 16}))
+        # HTTP: tritonclient's network timeout is 60 s by default; a busy CPU can run a tiny edit longer
+        options = {} if protocol == "grpc" else {"concurrency": 16, "network_timeout": 900.0}
+        self.client = self.module.InferenceServerClient(url, **options)
 
     def inputs(self, values: dict) -> list:
         tensors = []

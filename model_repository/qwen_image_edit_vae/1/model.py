@@ -1,0 +1,3 @@
+"""Shim: Qwen-Image-Edit ensemble stage 3 (VAE decoder)."""
+
+from omni_backend.triton import VaeStageModel as TritonPythonModel  # noqa: F401
