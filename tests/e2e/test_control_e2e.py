@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
-from conftest import REPOSITORY, wire
 from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.server import TritonServerProcess
+from tests.e2e.conftest import REPOSITORY, RawClient
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +19,17 @@ KEY = "s3cret-control"
 GOOD = {"prompt": "a blue square", "height": np.int32(32), "width": np.int32(32), "num_inference_steps": np.int32(2)}
 
 
-class Caller:
+class Caller(RawClient):
     """tritonclient over one protocol: control ops and generations, with optional headers."""
 
     def __init__(self, server: TritonServerProcess, protocol: str, headers: dict[str, str] | None = None):
-        self.module = grpcclient if protocol == "grpc" else httpclient
-        self.client = self.module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
+        super().__init__(server, protocol)
         self.headers = headers
 
-    def infer(self, model: str, values: dict, output: str) -> np.ndarray:
-        tensors = []
-        for name, value in values.items():
-            array, dtype = wire(value)
-            tensor = self.module.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
+    def infer(self, model: str, values: dict, output: str = "image") -> np.ndarray:
         outputs = [self.module.InferRequestedOutput(output)]
-        return self.client.infer(model, tensors, outputs=outputs, headers=self.headers).as_numpy(output)[0]
+        result = self.client.infer(model, self.inputs(values), outputs=outputs, headers=self.headers)
+        return result.as_numpy(output)[0]
 
     def control(self, model: str, op: str, **args) -> dict:
         raw = self.infer(model, {"control": json.dumps({"op": op, **args})}, "control_result")

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess
-from tests.e2e.conftest import PROTOCOLS, REPOSITORY, RawClient
+from tests.e2e.conftest import PROTOCOLS, REPOSITORY, RawClient, add_parameters
 from tests.e2e.metrics import scrape, value
 from tests.lora.conftest import ADAPTERS
 
@@ -28,9 +28,8 @@ PROMPT, SIZE, STEPS = "a lighthouse at dusk", 64, 3
 
 
 def configure(repository: Path, model: str, **parameters: str) -> None:
-    path = repository / model / "config.pbtxt"
     extra = "".join(f'  {{ key: "{k}", value: {{ string_value: "{v}" }} }},\n' for k, v in parameters.items())
-    path.write_text(path.read_text().replace("parameters [\n", "parameters [\n" + extra, 1))
+    add_parameters(repository, model, extra)
 
 
 @pytest.fixture(scope="module")
