@@ -1,4 +1,4 @@
-"""Helpers several families share: validating tensors that arrive from another ensemble stage."""
+"""Helpers several families share: module groups, validating tensors that arrive from another ensemble stage."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 from omni_backend.request import InvalidRequestError
+
+
+def loaded_groups(**groups: list[torch.nn.Module | None]) -> dict[str, list[torch.nn.Module]]:
+    """``PipelineStages.module_groups`` from a pipeline's components: the loaded ones (a stage loads only
+    its own), and only the groups that have any."""
+    present = {name: [m for m in modules if m is not None] for name, modules in groups.items()}
+    return {name: modules for name, modules in present.items() if modules}
+
 
 # One dimension of an expected shape: a fixed size, or (name, low, high) for a bounded free size.
 Dim = int | tuple[str, int, int]

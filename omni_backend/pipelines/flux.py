@@ -25,6 +25,7 @@ from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.lora.adapter import DiffusersLoraAdapter
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
+from omni_backend.pipelines.common import loaded_groups
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 _TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -107,12 +108,9 @@ class FluxStages(PipelineStages):
 
     def module_groups(self) -> dict[str, list[torch.nn.Module]]:
         pipe = self.pipe
-        groups = {
-            "text_encoder": [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None],
-            "transformer": [pipe.transformer] if pipe.transformer is not None else [],
-            "vae": [pipe.vae] if pipe.vae is not None else [],
-        }
-        return {name: modules for name, modules in groups.items() if modules}
+        return loaded_groups(
+            text_encoder=[pipe.text_encoder, pipe.text_encoder_2], transformer=[pipe.transformer], vae=[pipe.vae]
+        )
 
     def encode_key(self, request: DiffusionRequest) -> Hashable:
         # the negative prompt is only encoded (and so only part of the output) when true CFG is on

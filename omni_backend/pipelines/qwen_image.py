@@ -30,10 +30,13 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays, pad_sequences, tensor_from_array
-from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+from omni_backend.pipelines.common import embeddings_from_arrays, loaded_groups, pad_sequences, tensor_from_array
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline refuses longer max_sequence_length
+# Text length of the warm-up's placeholder prompt: text of any length is padded to the longest of a
+# batch, so no length is "the" one; a short prompt's is what most requests bring.
+WARMUP_TEXT_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,30 @@ class QwenImageStages(PipelineStages):
 
     def batch_key(self, request: DiffusionRequest) -> Hashable:
         return (request.params.height, request.params.width)  # text of any length: padded and masked
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        pipe = self.pipe
+        return loaded_groups(text_encoder=[pipe.text_encoder], transformer=[pipe.transformer], vae=[pipe.vae])
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        # the negative prompt is only encoded (and so only part of the output) when true CFG is on
+        wants_cfg = _wants_true_cfg(request.negative_prompt, request.params.true_cfg_scale)
+        negative = request.negative_prompt if wants_cfg else None
+        return (request.prompt, negative, self.options.max_sequence_length)
+
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        # true CFG on (the default scale, diffusers' example's " " negative prompt when the text encoder
+        # runs), so the call carries both branches, as most requests' do
+        embeds = torch.zeros(WARMUP_TEXT_LENGTH, self.joint_attention_dim)
+        conditioning = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
+        defaults = self.defaults
+        params = SamplingParams(height, width, 2, defaults.guidance_scale, defaults.true_cfg_scale, 0)
+        request = DiffusionRequest("warm-up", params, negative_prompt=" ", conditioning=conditioning)
+        return request, conditioning
+
+    def warmup_latents(self, height: int, width: int) -> torch.Tensor:
+        scale = self.vae_scale_factor
+        return torch.zeros(1, self.latent_channels, 1, height // scale, width // scale)
 
     # ------------------------------------------------------------------ 1. encode
 

@@ -20,6 +20,7 @@ as in Qwen-Image. The output size defaults to the resized input image's, as in d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +153,30 @@ class QwenImageEditStages(QwenImageStages):
             return latent_height * self.vae_scale_factor, latent_width * self.vae_scale_factor
         assert request.input_image is not None  # parse_request requires it
         return resized_size(*request.input_image.shape[:2])
+
+    # ------------------------------------------------------------------ acceleration
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        groups = super().module_groups()
+        if "text_encoder" in groups and "vae" in groups:  # encode VAE-encodes the input image: the VAE rides along
+            groups["text_encoder"] = [*groups["text_encoder"], self.pipe.vae]
+        return groups
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        image = request.input_image  # encode reads its pixels too: a digest of them, not the bytes, is kept
+        assert image is not None  # parse_request requires it
+        return (*super().encode_key(request), image.shape, hashlib.sha256(image.tobytes()).hexdigest())
+
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        # an input image of the output size, as a client editing its own picture sends
+        request, conditioning = super().warmup_request(height, width)
+        resized_height, resized_width = resized_size(height, width)
+        scale = self.vae_scale_factor
+        conditioning["image_latents"] = torch.zeros(
+            self.latent_channels, 1, resized_height // scale, resized_width // scale
+        )
+        request.input_image = np.zeros((height, width, 3), dtype=np.uint8)
+        return request, conditioning
 
     # ------------------------------------------------------------------ 1. encode
 

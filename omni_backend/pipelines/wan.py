@@ -24,7 +24,7 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays, tensor_from_array
+from omni_backend.pipelines.common import embeddings_from_arrays, loaded_groups, tensor_from_array
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens; WanPipeline's default
@@ -111,6 +111,17 @@ class WanT2VStages(PipelineStages):
             else self.options.max_sequence_length
         )
         return (params.height, params.width, params.num_frames, text_len)
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        pipe = self.pipe
+        return loaded_groups(
+            text_encoder=[pipe.text_encoder], transformer=[pipe.transformer, pipe.transformer_2], vae=[pipe.vae]
+        )
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        # with CFG on, WanPipeline encodes the negative prompt, "" when none is given
+        negative = (request.negative_prompt or "") if request.params.guidance_scale > 1 else None
+        return (request.prompt, negative, self.options.max_sequence_length)
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         # the default frame count and CFG on: both rows of the call, and with two steps both experts

@@ -45,13 +45,18 @@ def apply_acceleration(
         if accel.vae_tiling or accel.vae_slicing:
             _apply_vae_options(stages, accel.vae_tiling, accel.vae_slicing)
         wants_transformer = config.step_cache is not None or accel.compile != "none"
-        transformer = stages.module_groups().get("transformer", [None])[0] if wants_transformer else None
-        if config.step_cache is not None and transformer is not None:
+        transformers = stages.module_groups().get("transformer", []) if wants_transformer else []
+        if config.step_cache is not None and transformers:
             adapter = stages.step_cache_adapter()
-            applied.step_cache = apply_step_cache(transformer, adapter, config.step_cache, observer)
+            if len(transformers) > 1:
+                raise ConfigError(
+                    f"{config.family}: step caches serve one transformer, the family has {len(transformers)}"
+                )
+            applied.step_cache = apply_step_cache(transformers[0], adapter, config.step_cache, observer)
             stages.step_cache = applied.step_cache
-        if accel.compile == "regional" and transformer is not None:
-            transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
+        if accel.compile == "regional":
+            for transformer in transformers:  # every expert of a mixture (Wan2.2 A14B)
+                transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
         if accel.enable_prompt_embed_cache and "text_encoder" in stages.module_groups():
             cache = PromptEmbedCache(accel.prompt_embed_cache_size, stages.encode_key, observer)
             inner = stages.encode
@@ -67,9 +72,10 @@ def _apply_offload(
 ) -> ModelOffloader:
     groups = stages.module_groups()
     if mode == "layerwise" and "transformer" in groups:
-        transformer = groups.pop("transformer")[0]
-        apply_layerwise_offload(transformer, device, window)
-        size = _nbytes([transformer])
+        transformers = groups.pop("transformer")
+        for transformer in transformers:  # every expert of a mixture (Wan2.2 A14B) sweeps its own window
+            apply_layerwise_offload(transformer, device, window)
+        size = _nbytes(transformers)
         inner_denoise = stages.denoise
 
         def denoise_layerwise(states):  # every transformer call sweeps all blocks through the window once
@@ -91,4 +97,3 @@ def _apply_vae_options(stages: PipelineStages, tiling: bool, slicing: bool) -> N
             vae.enable_tiling()
         if slicing:
             vae.enable_slicing()
-

@@ -37,7 +37,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _modules(stages: PipelineStages) -> list[torch.nn.Module]:
-    return [module for group in stages.module_groups().values() for module in group]
+    modules = [module for group in stages.module_groups().values() for module in group]
+    return list({id(module): module for module in modules}.values())  # a module may serve two stages
 
 
 def _adopt(target: torch.nn.Module, fresh: torch.nn.Module) -> None:
