@@ -82,6 +82,13 @@ def assert_same_video(video: np.ndarray, expected: np.ndarray) -> None:
         assert_same_image(video[frame], expected[frame])
 
 
+def test_tiny_checkpoint_has_the_i2v_a14b_layout(stages):
+    pipe = stages.pipe
+    assert pipe.image_encoder is None and pipe.config.boundary_ratio == 0.9 and not pipe.config.expand_timesteps
+    assert pipe.transformer.config.in_channels == pipe.transformer_2.config.in_channels == 16 + 4 + 16
+    assert pipe.transformer.config.image_dim is None  # no CLIP image embeddings: the image conditions via the VAE
+
+
 def test_both_experts_take_part(stages):
     """The 4-step schedule crosses boundary_ratio 0.9: both experts run (else the test proves nothing about them)."""
     request = make(stages, 0, *CASES[0])
