@@ -7,11 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.config import ConfigError, RequestLimits, parse_model_config
+from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.wan import WanOptions
 from omni_backend.pipelines.wan_i2v import WanI2VStages
 from omni_backend.request import InvalidRequestError
+from omni_backend.runner.acceleration import apply_acceleration
 from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.testing.compare import assert_same_image
 from tests.test_parity import run
@@ -184,3 +186,15 @@ def test_bad_image_condition_from_the_encoder_stage_names_it(stages):
 def test_a_text_to_video_checkpoint_is_refused(tiny_wan22_t2v):
     with pytest.raises(ConfigError, match="not a Wan2.2 image-to-video checkpoint"):
         load(tiny_wan22_t2v, Component.TRANSFORMER)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"cache_backend": "first_block_cache"}, {"offload": "model"}, {"enable_prompt_embed_cache": "true"}],
+    ids=["step_cache", "offload", "prompt_cache"],
+)
+def test_acceleration_the_family_lacks_fails_the_load_naming_it(tiny_wan22_i2v, stages, extra):
+    """README feature table: these are "no" for wan22_i2v, and a config asking for one is refused, not ignored."""
+    config = parse_model_config({"family": "wan22_i2v", "model": str(tiny_wan22_i2v), **extra}, WanOptions)
+    with pytest.raises(ConfigError, match="^wan22_i2v: WanI2VStages does not support"):
+        apply_acceleration(stages, config, torch.device("cpu"), AccelerationObserver())
