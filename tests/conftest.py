@@ -49,6 +49,11 @@ def tiny_wan22_t2v(model_root: Path) -> Path:
     return tiny.build("wan22_t2v", model_root / "tiny-wan22-t2v", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_wan22_i2v(model_root: Path) -> Path:
+    return tiny.build("wan22_i2v", model_root / "tiny-wan22-i2v", seed=0)
+
+
 def _reference(pipeline_cls, checkpoint: Path, **components) -> Callable[..., np.ndarray]:
     """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
     pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32, **components)
@@ -87,17 +92,30 @@ def qwen_image_edit_reference(tiny_qwen_image_edit: Path):
     return _reference(QwenImageEditPipeline, tiny_qwen_image_edit, processor=load_processor(str(tiny_qwen_image_edit)))
 
 
-@pytest.fixture(scope="session")
-def wan22_t2v_reference(tiny_wan22_t2v: Path):
-    """``render(prompt, seed, **kwargs)`` -> uint8 [frames, H, W, 3] from diffusers' WanPipeline."""
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(tiny_wan22_t2v, dtype=torch.float32)
+def _video_reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:
+    """``render(prompt, seed, **kwargs)`` -> uint8 [frames, H, W, 3] from the diffusers pipeline itself."""
+    pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt: str, seed: int, **kwargs) -> np.ndarray:
         generator = torch.Generator("cpu").manual_seed(seed)
-        frames = pipe(prompt, generator=generator, output_type="np", **kwargs).frames[0]
+        frames = pipe(prompt=prompt, generator=generator, output_type="np", **kwargs).frames[0]
         return (frames * 255).round().astype(np.uint8)  # what diffusers' export_to_video writes
 
     return render
+
+
+@pytest.fixture(scope="session")
+def wan22_t2v_reference(tiny_wan22_t2v: Path):
+    """diffusers' WanPipeline: ``render(prompt, seed, **kwargs)`` -> uint8 [frames, H, W, 3]."""
+    from diffusers import WanPipeline
+
+    return _video_reference(WanPipeline, tiny_wan22_t2v)
+
+
+@pytest.fixture(scope="session")
+def wan22_i2v_reference(tiny_wan22_i2v: Path):
+    """diffusers' WanImageToVideoPipeline: ``render(prompt, seed, image=PIL.Image, **kwargs)`` -> [frames, H, W, 3]."""
+    from diffusers import WanImageToVideoPipeline
+
+    return _video_reference(WanImageToVideoPipeline, tiny_wan22_i2v)

@@ -80,15 +80,12 @@ class WanT2VStages(PipelineStages):
             raise ConfigError(
                 f"max_sequence_length: {options.max_sequence_length} is outside [1, {MAX_SEQUENCE_LENGTH}]"
             )
-        pipe = load_pipeline(
-            cls.pipeline_cls,
-            checkpoint,
-            components,
-            dtype,
-            device,
-            transformer_modules=("transformer", "transformer_2"),
-        )
-        return cls(pipe, checkpoint, options, device)
+        return cls(cls.load_pipe(checkpoint, components, dtype, device), checkpoint, options, device)
+
+    @classmethod
+    def load_pipe(cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device) -> Any:
+        experts = ("transformer", "transformer_2")
+        return load_pipeline(cls.pipeline_cls, checkpoint, components, dtype, device, transformer_modules=experts)
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -176,9 +173,7 @@ class WanT2VStages(PipelineStages):
         conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
         # Same draw as WanPipeline(generator=torch.Generator("cpu").manual_seed(seed)); latents stay float32.
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        latents = self.pipe.prepare_latents(
-            1, self.in_channels, params.height, params.width, params.num_frames, torch.float32, self.device, generator
-        )
+        latents = self._initial_latents(params, generator)
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
@@ -189,6 +184,11 @@ class WanT2VStages(PipelineStages):
             scheduler=scheduler,
             conditioning=conditioning,
             do_cfg=params.guidance_scale > 1 and "negative_prompt_embeds" in conditioning,
+        )
+
+    def _initial_latents(self, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        return self.pipe.prepare_latents(
+            1, self.in_channels, params.height, params.width, params.num_frames, torch.float32, self.device, generator
         )
 
     def _experts(self) -> list[torch.nn.Module]:
@@ -217,7 +217,7 @@ class WanT2VStages(PipelineStages):
         cfg = [s for s in states if s.do_cfg]
         rows = [(s, "") for s in states] + [(s, "negative_") for s in cfg]
         noise = model(
-            hidden_states=torch.cat([s.latents for s, _ in rows]).to(model.dtype),
+            hidden_states=torch.cat([self._model_input(s) for s, _ in rows]).to(model.dtype),
             timestep=torch.stack([s.timesteps[s.step_index] for s, _ in rows]),
             encoder_hidden_states=torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows]),
             return_dict=False,
@@ -233,6 +233,10 @@ class WanT2VStages(PipelineStages):
             uncond = noise[n + j : n + j + 1]
             preds[i] = uncond + scale * (preds[i] - uncond)
         return preds
+
+    def _model_input(self, state: WanState) -> torch.Tensor:
+        """What the transformer sees of one request: its latents (image-to-video adds the image condition)."""
+        return state.latents
 
     # ------------------------------------------------------------------ 4. decode
 

@@ -175,6 +175,7 @@ BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "qwen_image": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image"),
     "qwen_image_edit": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image_edit"),
     "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
+    "wan22_i2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_i2v"),
 }
 
 

@@ -105,19 +105,28 @@ def _config(tiny_flux, **parameters: str):
     return parse_model_config({"family": "flux", "model": str(tiny_flux), **parameters}, FluxOptions)
 
 
-def test_video_family_warms_both_experts_and_its_vae(tiny_wan22_t2v):
+@pytest.mark.parametrize("family", ["wan22_t2v", "wan22_i2v"])
+def test_video_family_warms_both_experts_and_its_vae(family, request):
     import torch
 
-    from omni_backend.pipelines.wan import WanOptions, WanT2VStages
+    from omni_backend.pipelines.wan import WanOptions
+    from omni_backend.registry import resolve_family
 
-    stages = WanT2VStages.load(str(tiny_wan22_t2v), Component.ALL, torch.float32, torch.device("cpu"), WanOptions())
+    checkpoint = request.getfixturevalue(f"tiny_{family}")
+    cpu = torch.device("cpu")
+    stages = resolve_family(family).load(str(checkpoint), Component.ALL, torch.float32, cpu, WanOptions())
     calls = {"transformer": 0, "transformer_2": 0}
     for name in calls:
         getattr(stages.pipe, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-    decoded = _record(stages, "decode")
+    decoded, encoded = _record(stages, "decode"), _record(stages, "encode")
     runner = ModelRunner(stages, RunnerOutput.IMAGE)
     warm_up_runner(runner, stages, [(32, 32)], encode=True)
     assert calls == {"transformer": 2, "transformer_2": 2}  # 2 steps cross the boundary, alone and paired
-    assert runner.states == {} and decoded == [1, 2]
+    assert runner.states == {} and decoded == [1, 2] and encoded == [1, 2]
+    # the transformer stage: placeholder conditioning (the image-to-video one has its image condition)
+    warm_up_runner(ModelRunner(stages, RunnerOutput.LATENTS), stages, [(32, 32)], encode=False)
+    assert calls == {"transformer": 4, "transformer_2": 4} and encoded == [1, 2]
+    warm_up_text_encoder(stages, [(32, 32)])  # the encoder stage (image-to-video: VAE-encodes the image too)
+    assert encoded == [1, 2, 1, 2]
     warm_up_vae(stages, [(32, 32)])
     assert decoded == [1, 2, 1, 2]
