@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,6 +16,20 @@ def loaded_groups(**groups: list[torch.nn.Module | None]) -> dict[str, list[torc
     its own), and only the groups that have any."""
     present = {name: [m for m in modules if m is not None] for name, modules in groups.items()}
     return {name: modules for name, modules in present.items() if modules}
+
+
+def with_vae_in_encode(groups: dict[str, list[torch.nn.Module]], vae: torch.nn.Module | None) -> dict:
+    """``module_groups`` of a family whose ``encode`` also VAE-encodes the input image: the VAE rides
+    with the text encoders too, so model offload puts it on the device for both stages."""
+    if "text_encoder" in groups and vae is not None:
+        groups["text_encoder"] = [*groups["text_encoder"], vae]
+    return groups
+
+
+def input_image_key(image: np.ndarray | None) -> tuple[tuple[int, ...], str]:
+    """The input image's part of a prompt-embedding cache key: its shape and a digest of its pixels."""
+    assert image is not None  # the family's parse_request requires it
+    return image.shape, hashlib.sha256(image.tobytes()).hexdigest()
 
 
 # One dimension of an expected shape: a fixed size, or (name, low, high) for a bounded free size.

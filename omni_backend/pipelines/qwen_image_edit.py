@@ -20,7 +20,6 @@ as in Qwen-Image. The output size defaults to the resized input image's, as in d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
 
 from omni_backend.config import RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays
+from omni_backend.pipelines.common import embeddings_from_arrays, input_image_key, with_vae_in_encode
 from omni_backend.pipelines.qwen_image import QwenImageStages, QwenImageState
 from omni_backend.request import (
     DiffusionRequest,
@@ -157,15 +156,11 @@ class QwenImageEditStages(QwenImageStages):
     # ------------------------------------------------------------------ acceleration
 
     def module_groups(self) -> dict[str, list[torch.nn.Module]]:
-        groups = super().module_groups()
-        if "text_encoder" in groups and "vae" in groups:  # encode VAE-encodes the input image: the VAE rides along
-            groups["text_encoder"] = [*groups["text_encoder"], self.pipe.vae]
-        return groups
+        return with_vae_in_encode(super().module_groups(), self.pipe.vae)
 
     def encode_key(self, request: DiffusionRequest) -> Hashable:
-        image = request.input_image  # encode reads its pixels too: a digest of them, not the bytes, is kept
-        assert image is not None  # parse_request requires it
-        return (*super().encode_key(request), image.shape, hashlib.sha256(image.tobytes()).hexdigest())
+        # encode reads the input image too (resized by its own size alone, whatever the output size)
+        return (*super().encode_key(request), *input_image_key(request.input_image))
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         # an input image of the output size, as a client editing its own picture sends

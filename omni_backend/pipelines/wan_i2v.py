@@ -23,7 +23,7 @@ size and frame count alone (the image is resized to the output size), which the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from PIL import Image
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning
-from omni_backend.pipelines.common import tensor_from_array
+from omni_backend.pipelines.common import input_image_key, tensor_from_array, with_vae_in_encode
 from omni_backend.pipelines.wan import WanState, WanT2VStages
 from omni_backend.request import (
     DiffusionRequest,
@@ -70,6 +70,15 @@ class WanI2VStages(WanT2VStages):
         if Component.TEXT_ENCODER in components:
             components |= Component.VAE  # the encoder stage VAE-encodes the input image too
         return super().load_pipe(checkpoint, components, dtype, device)
+
+    def module_groups(self) -> dict[str, list[torch.nn.Module]]:
+        return with_vae_in_encode(super().module_groups(), self.pipe.vae)
+
+    def encode_key(self, request: DiffusionRequest) -> Hashable:
+        # encode also builds the image condition: the image resized to the output size, over its frames
+        params = request.params
+        size = (params.height, params.width, params.num_frames)
+        return (*super().encode_key(request), *size, *input_image_key(request.input_image))
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         request, conditioning = super().warmup_request(height, width)

@@ -1,5 +1,6 @@
 """Offload, the prompt-embedding cache and warm-up on the families beyond FLUX (Qwen-Image, its edit
-variant, Wan2.2 with two experts): each gives the unaccelerated output, bit for bit."""
+variant, Wan2.2 text- and image-to-video with two experts): each gives the unaccelerated output, bit
+for bit."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def load(checkpoint, family: str, **parameters: str):
 
 def requests(family: str, offset: int = 0) -> list[DiffusionRequest]:
     """A plain and a CFG request (Wan's CFG is guidance_scale > 1, Qwen's true CFG a negative prompt)."""
-    if family == "wan22_t2v":
+    if family.startswith("wan22"):
         cases = [
             ("a cat", 1, None, SamplingParams(32, 32, 3, 1.0, 1.0, 1, num_frames=5)),
             ("a dog", 2, "blurry", SamplingParams(32, 32, 4, 4.0, 1.0, 2, num_frames=5)),
@@ -45,7 +46,7 @@ def requests(family: str, offset: int = 0) -> list[DiffusionRequest]:
     out = []
     for i, (prompt, _, negative, params) in enumerate(cases):
         request = DiffusionRequest(str(i + offset), params, prompt=prompt, negative_prompt=negative)
-        if family == "qwen_image_edit":
+        if family in ("qwen_image_edit", "wan22_i2v"):
             request.input_image = IMAGE if i == 0 else IMAGE[::-1].copy()
         out.append(request)
     return out
@@ -69,7 +70,7 @@ def run(stages, batch: list[DiffusionRequest]) -> dict[str, np.ndarray]:
     return outputs
 
 
-FAMILIES = ["qwen_image", "qwen_image_edit", "wan22_t2v"]
+FAMILIES = ["qwen_image", "qwen_image_edit", "wan22_t2v", "wan22_i2v"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -92,7 +93,7 @@ def test_offload_gives_the_same_output(family, parameters):
     assert observer.offload_bytes > 0
     if parameters["offload"] == "layerwise":  # every expert got its own group-offloading hooks
         transformers = stages.module_groups()["transformer"]
-        assert len(transformers) == (2 if name == "wan22_t2v" else 1)
+        assert len(transformers) == (2 if name.startswith("wan22") else 1)
         assert all(_is_group_offload_enabled(t) for t in transformers)
 
 
@@ -107,14 +108,20 @@ def test_prompt_cache_hit_gives_the_same_output(family):
         assert np.array_equal(first[key], expected) and np.array_equal(second[str(int(key) + 10)], expected)
 
 
-def test_prompt_cache_key_holds_what_encode_reads(tiny_qwen_image_edit, tiny_wan22_t2v):
-    edit, _, _ = load(tiny_qwen_image_edit, "qwen_image_edit", enable_prompt_embed_cache="true")
-    a, b = requests("qwen_image_edit")
+@pytest.mark.parametrize("name", ["qwen_image_edit", "wan22_i2v"])
+def test_prompt_cache_key_holds_the_input_image(request, name):
+    stages, _, _ = load(request.getfixturevalue(f"tiny_{name}"), name, enable_prompt_embed_cache="true")
+    a, b = requests(name)
     b.prompt, b.negative_prompt, b.params = a.prompt, a.negative_prompt, a.params
-    assert edit.encode_key(a) != edit.encode_key(b), "another input image must not hit the cache"
+    assert stages.encode_key(a) != stages.encode_key(b), "another input image must not hit the cache"
     b.input_image = a.input_image.copy()
-    assert edit.encode_key(a) == edit.encode_key(b)
+    assert stages.encode_key(a) == stages.encode_key(b)
+    if name == "wan22_i2v":  # the condition is the image resized to the output size, over its frames
+        b.params = SamplingParams(32, 32, 3, 1.0, 1.0, 1, num_frames=9)
+        assert stages.encode_key(a) != stages.encode_key(b)
 
+
+def test_wan_prompt_cache_key_follows_cfg(tiny_wan22_t2v):
     wan, _, _ = load(tiny_wan22_t2v, "wan22_t2v", enable_prompt_embed_cache="true")
     plain, cfg = requests("wan22_t2v")
     cfg.prompt = plain.prompt

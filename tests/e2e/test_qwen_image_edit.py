@@ -127,6 +127,7 @@ def test_stream_and_cli_give_the_same_edit(edit_server, expected, tmp_path):
 
 BAD = {
     "missing": ({"input_image": None}, "input_image: is required"),
+    "missing_prompt": ({"prompt": None}, "prompt"),  # optional in the config (control ops carry none)
     "four_channels": ({"input_image": np.zeros((8, 8, 4), np.uint8)}, "input_image"),
     "extreme_aspect": ({"input_image": np.zeros((1, 400, 3), np.uint8)}, "input_image: aspect ratio of 1x400"),
     "not_uint8": ({"input_image": np.zeros((8, 8, 3), np.float32)}, "input_image"),
@@ -142,3 +143,15 @@ def test_bad_input_image_is_invalid_arg_naming_it(client, model, case):
         client.infer(model, values)
     assert status_is_invalid_arg(info.value), info.value.message()
     assert message in info.value.message()
+
+
+@pytest.mark.parametrize("model", ["qwen_image_edit", "qwen_image_edit_transformer"])
+def test_control_input_is_refused_unless_enabled(edit_server, model):
+    """The engine models take the control channel (README "Control"); the shipped config keeps it off."""
+    raw = RawClient(edit_server, "grpc")
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            raw.infer(model, {"control": '{"op": "status"}'}, "control_result")
+        assert status_is_invalid_arg(info.value) and "enable_control" in info.value.message()
+    finally:
+        raw.close()

@@ -171,8 +171,8 @@ def test_bad_image_condition_sent_to_the_transformer_stage_is_invalid_arg(client
     assert client.infer("wan22_i2v_transformer", values, output="latents").shape == (16, 2, 4, 6)
 
 
-def test_control_status_and_profiling_but_no_sleep(i2v_server, expected):
-    """README feature table: status and profiling work; sleep needs module groups the Wan families lack yet."""
+def test_control_status_profiling_sleep_and_wake(i2v_server, expected):
+    """README feature table: status, profiling, sleep and wake work on the family's engine models."""
     client = RawClient(i2v_server, "grpc")
 
     def control(model: str, op: str, **args) -> dict:
@@ -184,8 +184,10 @@ def test_control_status_and_profiling_but_no_sleep(i2v_server, expected):
     assert_same_video(client.infer("wan22_i2v", params(0), output="video"), expected(0))
     [trace] = control("wan22_i2v", "profile_stop")["traces"]
     assert Path(trace).parent == i2v_server.traces and Path(trace).name.startswith("wan22_i2v-rank0-")
-    with pytest.raises(InferenceServerException) as info:
-        control("wan22_i2v", "sleep", level=1)
-    assert "sleep" in info.value.message() and "WanI2VStages does not support" in info.value.message()
-    assert control("wan22_i2v", "status")["state"] == "awake"  # still serving
+    assert control("wan22_i2v", "sleep", level=1)["state"] == "asleep"
+    with pytest.raises(InferenceServerException) as info:  # asleep: refused, not queued forever
+        client.infer("wan22_i2v", params(0), output="video")
+    assert "model is asleep" in info.value.message()
+    assert control("wan22_i2v", "wake")["state"] == "awake"
+    assert_same_video(client.infer("wan22_i2v", params(0), output="video"), expected(0))
     client.close()
