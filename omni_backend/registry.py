@@ -12,6 +12,7 @@ _FAMILIES: dict[str, str] = {
     "qwen_image": "omni_backend.pipelines.qwen_image:QwenImageStages",
     "qwen_image_edit": "omni_backend.pipelines.qwen_image_edit:QwenImageEditStages",
     "wan22_t2v": "omni_backend.pipelines.wan:WanT2VStages",
+    "longcat_image": "omni_backend.pipelines.longcat_image:LongCatImageStages",
 }
 
 

@@ -8,7 +8,7 @@ CLI (idempotent; builds atomically into ``DIR.tmp-XXXX`` then renames)::
 
     python -m omni_backend.testing.tiny --family flux --out DIR [--seed N] [--force]
 
-Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``).
+Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``, ``tiny_longcat.py``).
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "qwen_image": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image"),
     "qwen_image_edit": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image_edit"),
     "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
+    "longcat_image": _lazy("omni_backend.testing.tiny_longcat:build_tiny_longcat_image"),
 }
 
 
