@@ -83,14 +83,19 @@ class LongCatImageStages(FluxStages):
         return (request.params.height, request.params.width)  # every prompt is 512 tokens long
 
     # ------------------------------------------------------------------ acceleration
-    # FLUX's hooks assume FLUX's modules (CLIP + T5 encoders, pooled projections, guidance embedding):
-    # none is built for LongCat-Image yet, so a config asking for one fails the load naming the family.
 
     def module_groups(self) -> dict[str, list[torch.nn.Module]]:
-        return PipelineStages.module_groups(self)
+        groups = {"text_encoder": self.pipe.text_encoder, "transformer": self.pipe.transformer, "vae": self.pipe.vae}
+        return {name: [module] for name, module in groups.items() if module is not None}
 
     def encode_key(self, request: DiffusionRequest) -> Hashable:
-        return PipelineStages.encode_key(self, request)
+        # the negative prompt is encoded ("" for none) only when CFG is on
+        negative = (request.negative_prompt or "") if request.params.guidance_scale > 1 else None
+        return (request.prompt, negative)
+
+    # FLUX's step-cache adapter, LoRA loader and warm-up assume FLUX's modules (CLIP + T5 encoders, pooled
+    # projections, guidance embedding): none is built for LongCat-Image yet, so a config asking for one
+    # fails the load naming the family.
 
     def step_cache_adapter(self) -> Any:
         return PipelineStages.step_cache_adapter(self)
