@@ -37,8 +37,8 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays
-from omni_backend.pipelines.flux import FluxStages, FluxState
-from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults
+from omni_backend.pipelines.flux import FluxCacheAdapter, FluxStages, FluxState
+from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -93,21 +93,20 @@ class LongCatImageStages(FluxStages):
         negative = (request.negative_prompt or "") if request.params.guidance_scale > 1 else None
         return (request.prompt, negative)
 
-    # FLUX's step-cache adapter, LoRA loader and warm-up assume FLUX's modules (CLIP + T5 encoders, pooled
-    # projections, guidance embedding): none is built for LongCat-Image yet, so a config asking for one
-    # fails the load naming the family.
+    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
+        # CFG on (the default guidance): both branches' rows in the call, as most requests run
+        embeds = torch.zeros(self.text_length, self.joint_attention_dim)
+        conditioning = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
+        params = SamplingParams(height, width, 2, self.defaults.guidance_scale, 1.0, 0)
+        return DiffusionRequest("warm-up", params, conditioning=conditioning), conditioning
 
-    def step_cache_adapter(self) -> Any:
-        return PipelineStages.step_cache_adapter(self)
+    def step_cache_adapter(self) -> LongCatImageCacheAdapter:
+        _register_blocks_for_diffusers_hooks()
+        return LongCatImageCacheAdapter()
 
     def lora_adapter(self) -> Any:
+        # FLUX's loader maps FLUX's module names; LongCatImagePipeline has no LoRA loader mixin of its own
         return PipelineStages.lora_adapter(self)
-
-    def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
-        return PipelineStages.warmup_request(self, height, width)
-
-    def warmup_latents(self, height: int, width: int) -> torch.Tensor:
-        return PipelineStages.warmup_latents(self, height, width)
 
     # ------------------------------------------------------------------ 1. encode
 
@@ -176,3 +175,38 @@ class LongCatImageStages(FluxStages):
         noise_norm = torch.norm(guided, dim=-1, keepdim=True)
         scale = (cond_norm / (noise_norm + 1e-8)).clamp(min=self.options.cfg_renorm_min, max=1.0)
         return guided * scale
+
+
+class LongCatImageCacheAdapter(FluxCacheAdapter):
+    """What the step caches need to know about LongCatImageTransformer2DModel (see StepCacheAdapter).
+
+    Its blocks, first-block modulation, output head and attention are FLUX's; only the inputs differ
+    (no pooled projection, no guidance: the timestep alone makes ``temb``). No TeaCache polynomial or
+    MagCache ratios are published for LongCat-Image: FLUX.1's (the same blocks and flow-matching
+    schedule) are the defaults, ``cache_config`` overrides them.
+    """
+
+    row_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
+
+    def embed(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the first lines of LongCatImageTransformer2DModel.forward
+        hidden = transformer.x_embedder(inputs["hidden_states"])
+        timestep = inputs["timestep"].to(hidden.dtype) * 1000
+        return hidden, transformer.time_embed(timestep, hidden.dtype)
+
+
+def _register_blocks_for_diffusers_hooks() -> None:
+    """Tell diffusers' cache hooks (FirstBlockCache, MagCache) where LongCat's blocks return what.
+
+    diffusers 0.42 registers FLUX's blocks but not LongCat's, whose ``forward`` returns the same
+    ``(encoder_hidden_states, hidden_states)`` pair; registering is idempotent.
+    """
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_longcat_image import (
+        LongCatImageSingleTransformerBlock,
+        LongCatImageTransformerBlock,
+    )
+
+    for block in (LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock):
+        metadata = TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
+        TransformerBlockRegistry.register(model_class=block, metadata=metadata)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from omni_backend.config import ConfigError, EngineConfig, parse_model_config
+from omni_backend.config import EngineConfig, parse_model_config
 from omni_backend.engine.scheduler import StepScheduler
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.longcat_image import LongCatImageOptions
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_accelerated
+from omni_backend.runner.warmup import warm_up_runner, warm_up_text_encoder, warm_up_vae
 from omni_backend.testing.compare import assert_same_image
 from tests.acceleration.conftest import CountingObserver
 
@@ -95,6 +98,52 @@ def test_offload_and_vae_options_give_the_same_image(tiny_longcat_image, plain, 
     assert observer.offload_bytes > 0
 
 
-def test_step_caches_fail_the_load_naming_the_family(tiny_longcat_image):
-    with pytest.raises(ConfigError, match=r"longcat_image: .*does not support step caches"):
-        load(tiny_longcat_image, cache_backend="first_block_cache")
+# threshold 0: every step computes; large: skips (random tiny weights: the bound is loose, as for FLUX)
+EXACT = {
+    "tea_cache": {"rel_l1_thresh": 0.0},
+    "first_block_cache": {"threshold": 0.0},
+    "mag_cache": {"threshold": 0.0},
+    "taylorseer": {"cache_interval": 1},
+}
+LARGE = {
+    "tea_cache": {"rel_l1_thresh": 5.0},
+    "first_block_cache": {"threshold": 5.0},
+    "mag_cache": {"threshold": 5.0, "retention_ratio": 0.0},
+    "taylorseer": {"cache_interval": 3, "disable_cache_before_step": 1},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT))
+def test_step_cache_threshold_zero_gives_the_uncached_image_and_large_skips(tiny_longcat_image, plain, backend):
+    stages, applied, observer = load(tiny_longcat_image, cache_backend=backend, cache_config=json.dumps(EXACT[backend]))
+    images = run(stages)
+    for key, image in plain.items():
+        assert_same_image(images[key], image)  # diffusers' hooks run one row per call: float rounding only
+    assert observer.skipped == 0 and observer.computed > 0 and applied.step_cache.live_keys() == set()
+    stages, applied, observer = load(tiny_longcat_image, cache_backend=backend, cache_config=json.dumps(LARGE[backend]))
+    images = run(stages)
+    rows = sum(case[4] * (2 if case[3] > 1 else 1) for case in CASES)  # CFG: two rows per step
+    assert observer.skipped > 0 and observer.skipped + observer.computed == rows
+    for key, image in plain.items():
+        assert np.abs(images[key].astype(int) - image.astype(int)).max() <= 64, key
+    assert applied.step_cache.live_keys() == set()
+
+
+def test_warm_up_runs_every_stage_alone_and_paired_and_leaves_nothing_behind(tiny_longcat_image, plain):
+    stages, _, _ = load(tiny_longcat_image)
+    rows: list[int] = []
+    stages.pipe.transformer.register_forward_hook(
+        lambda _m, _args, kwargs, _out: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    runner = ModelRunner(stages, RunnerOutput.IMAGE)
+    warm_up_runner(runner, stages, [(64, 64), (32, 48)], encode=True)
+    assert runner.states == {}
+    assert rows == [2, 2, 4, 4] * 2, "per size: 2 steps alone, then 2 paired, both CFG branches in each call"
+    images = run(stages)  # and the model serves as a cold one
+    for key, image in plain.items():
+        assert_same_image(images[key], image)
+    warm_up_text_encoder(load(tiny_longcat_image, Component.TEXT_ENCODER)[0], [(64, 64)])
+    vae = load(tiny_longcat_image, Component.VAE)[0]
+    warm_up_vae(vae, [(64, 64), (32, 48)])
+    transformer = load(tiny_longcat_image, Component.TRANSFORMER)[0]
+    warm_up_runner(ModelRunner(transformer, RunnerOutput.LATENTS), transformer, [(64, 64)], encode=False)
