@@ -36,7 +36,7 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays
+from omni_backend.pipelines.common import embeddings_from_arrays, encode_with_classic_cfg
 from omni_backend.pipelines.flux import FluxCacheAdapter, FluxStages, FluxState
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
@@ -112,14 +112,7 @@ class LongCatImageStages(FluxStages):
 
     @torch.inference_mode()
     def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
-        out: list[Conditioning] = [{"prompt_embeds": e} for e in self._encode_texts([r.prompt for r in requests])]
-        cfg_rows = [i for i, r in enumerate(requests) if r.params.guidance_scale > 1]
-        if cfg_rows:
-            # LongCatImagePipeline encodes "" when CFG is on and no negative prompt is given
-            negatives = self._encode_texts([requests[i].negative_prompt or "" for i in cfg_rows])
-            for i, negative in zip(cfg_rows, negatives, strict=True):
-                out[i]["negative_prompt_embeds"] = negative
-        return out
+        return encode_with_classic_cfg(requests, self._encode_texts)
 
     def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
         """One Qwen2.5-VL pass over many prompts, [512, D] each (padded by the pipeline, not by the batch)."""

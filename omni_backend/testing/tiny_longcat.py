@@ -17,13 +17,12 @@ import torch
 def build_tiny_longcat_image(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random LongCat-Image checkpoint that ``LongCatImagePipeline.from_pretrained`` loads."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         LongCatImagePipeline,
         LongCatImageTransformer2DModel,
     )
 
-    from omni_backend.testing.tiny import FLUX_SCHEDULER_CONFIG, save_pipeline
+    from omni_backend.testing.tiny import FLUX_SCHEDULER_CONFIG, save_pipeline, tiny_flux_vae
     from omni_backend.testing.tiny_qwen import TEXT_HIDDEN, qwen2_5_vl_text_encoder, save_vl_processor
     from omni_backend.testing.tokenizers import build_qwen2_tokenizer
 
@@ -31,21 +30,7 @@ def build_tiny_longcat_image(out_dir: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         text_encoder = qwen2_5_vl_text_encoder(tokenizer, seed)
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),  # 4 levels -> vae_scale_factor 8
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=64,  # the family's default size (the real VAE says 1024)
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_flux_vae()  # LongCat-Image's VAE is FLUX.1's
         torch.manual_seed(seed)
         transformer = LongCatImageTransformer2DModel(
             patch_size=1,

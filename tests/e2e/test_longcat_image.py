@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient, StepUpdate
-from tests.e2e.conftest import PROTOCOLS, RawClient, repository_of, serving
+from tests.e2e.conftest import PROTOCOLS, RawClient, infer_concurrently, repository_of, serving
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
@@ -71,7 +69,6 @@ def test_image_and_cfg_equal_diffusers(client, model, longcat_image_reference):
 
 def test_concurrent_requests_share_steps_and_equal_diffusers(longcat_server, longcat_image_reference):
     """Four requests at once (both models, both protocols, different prompts, seeds, steps and CFG)."""
-    clients = {p: RawClient(longcat_server, p) for p in PROTOCOLS}
     jobs = [
         (
             PROTOCOLS[i % 2],
@@ -80,26 +77,8 @@ def test_concurrent_requests_share_steps_and_equal_diffusers(longcat_server, lon
         )
         for i in range(4)
     ]
-    results: dict[int, np.ndarray] = {}
-    errors: list[Exception] = []
-
-    def run(i: int) -> None:
-        protocol, model, values = jobs[i]
-        try:
-            results[i] = clients[protocol].infer(model, values)
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    for i, (_, _, values) in enumerate(jobs):
-        assert_same_image(results[i], reference(longcat_image_reference, values))
-    for c in clients.values():
-        c.close()
+    for image, (_, _, values) in zip(infer_concurrently(longcat_server, jobs), jobs, strict=True):
+        assert_same_image(image, reference(longcat_image_reference, values))
 
 
 BAD_INPUTS = {
