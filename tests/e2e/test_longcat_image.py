@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -123,3 +125,10 @@ def test_stream_sends_every_step_previews_then_the_image(longcat_server, longcat
     previews = {u.step: np.asarray(u.preview) for u in updates if u.preview is not None}
     assert sorted(previews) == [2, 4] and all(p.shape == (64, 96, 3) for p in previews.values())
     assert_same_image(image, reference(longcat_image_reference, params("a red circle", seed=5, steps=5)))
+
+
+@pytest.mark.parametrize("model", ["longcat_image", "longcat_image_transformer"])
+def test_control_is_refused_when_enable_control_is_off(client, model):
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, {"control": json.dumps({"op": "status"})}, "control_result")
+    assert status_is_invalid_arg(info.value) and "enable_control" in info.value.message(), info.value.message()
