@@ -147,3 +147,17 @@ def test_warm_up_runs_every_stage_alone_and_paired_and_leaves_nothing_behind(tin
     warm_up_vae(vae, [(64, 64), (32, 48)])
     transformer = load(tiny_longcat_image, Component.TRANSFORMER)[0]
     warm_up_runner(ModelRunner(transformer, RunnerOutput.LATENTS), transformer, [(64, 64)], encode=False)
+
+
+def test_regional_compile_warms_up_and_never_recompiles(tiny_longcat_image, plain):
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    stages, _, _ = load(tiny_longcat_image, compile="regional", warmup_sizes="64x64")
+    warm_up_runner(ModelRunner(stages, RunnerOutput.IMAGE), stages, [(64, 64)], encode=True)  # what initialize runs
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > graphs_before, "nothing was compiled at load"
+    images = run(stages)  # CFG and plain rows, 1 to 4 rows a call
+    assert counters["stats"]["unique_graphs"] == warmed, "a request of the warmed shape recompiled"
+    for key, image in plain.items():
+        assert_same_image(images[key], image)
