@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
+from diffusers import FluxPipeline, LongCatImagePipeline, LongCatImageTransformer2DModel
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
+from omni_backend.lora.adapter import DiffusersLoraAdapter
+from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays, encode_with_classic_cfg
 from omni_backend.pipelines.flux import FluxCacheAdapter, FluxStages, FluxState
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
@@ -104,9 +105,10 @@ class LongCatImageStages(FluxStages):
         _register_blocks_for_diffusers_hooks()
         return LongCatImageCacheAdapter()
 
-    def lora_adapter(self) -> Any:
-        # FLUX's loader maps FLUX's module names; LongCatImagePipeline has no LoRA loader mixin of its own
-        return PipelineStages.lora_adapter(self)
+    def lora_adapter(self) -> DiffusersLoraAdapter:
+        # LongCatImagePipeline has no LoRA loader mixin of its own; FLUX's reads diffusers' format and
+        # injects through the transformer's PEFT integration, and LongCat's modules have FLUX's names
+        return DiffusersLoraAdapter(self.pipe.transformer, FluxPipeline)
 
     # ------------------------------------------------------------------ 1. encode
 
