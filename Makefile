@@ -30,6 +30,7 @@ demo: install
 	$(PY) -m omni_backend.testing.tiny --family qwen_image_edit --out $(OMNI_MODEL_ROOT)/tiny-qwen-image-edit
 	$(PY) -m omni_backend.testing.tiny --family wan22_t2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-t2v
 	$(PY) -m omni_backend.testing.tiny --family wan22_i2v --out $(OMNI_MODEL_ROOT)/tiny-wan22-i2v
+	$(PY) -m omni_backend.testing.tiny --family longcat_image --out $(OMNI_MODEL_ROOT)/tiny-longcat-image
 
 serve: demo
 	$(PY) -m omni_backend.serve --model-repository model_repository \

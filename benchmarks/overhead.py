@@ -5,7 +5,7 @@ machine in the same session, alternating call by call so that drift in machine l
 The ratio of medians is the overhead (target <= 1.05). The served image (or video) is also
 checked against the in-process one, so the two sides provably did the same work.
 
-    python -m benchmarks.overhead [--family flux|qwen_image|wan22_t2v] [--size 768] [--steps 8]
+    python -m benchmarks.overhead [--family flux|qwen_image|wan22_t2v|longcat_image] [--size 768] [--steps 8]
                                   [--frames 9] [--repeats 15]
 """
 
@@ -17,7 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,23 @@ class Family:
     pipeline: str  # the diffusers pipeline class
     checkpoint: str  # the name model_repository/ uses
     output: str  # "image" or "video"
+    # what the in-process pipeline needs beyond the common arguments to do what the served family does
+    load_kwargs: dict = field(default_factory=dict)  # from_pretrained
+    call_kwargs: dict = field(default_factory=dict)  # __call__
 
 
 FAMILIES = {
     "flux": Family("FluxPipeline", "flux-shapes", "image"),  # the tiny FLUX, under the served name
     "qwen_image": Family("QwenImagePipeline", "tiny-qwen-image", "image"),
     "wan22_t2v": Family("WanPipeline", "tiny-wan22-t2v", "video"),
+    # the family serves LongCat-Image with its prompt rewriter off, and never loads the rewriter's processor
+    "longcat_image": Family(
+        "LongCatImagePipeline",
+        "tiny-longcat-image",
+        "image",
+        {"text_processor": None},
+        {"enable_prompt_rewrite": False},
+    ),
 }
 
 
@@ -83,12 +94,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as models:
         checkpoint = build(args.family, Path(models) / family.checkpoint, seed=0)
-        pipe = getattr(diffusers, family.pipeline).from_pretrained(checkpoint, dtype=torch.float32)
+        pipe = getattr(diffusers, family.pipeline).from_pretrained(
+            checkpoint, dtype=torch.float32, **family.load_kwargs
+        )
         pipe.set_progress_bar_config(disable=True)
 
         def in_process(seed: int) -> np.ndarray:
             generator = torch.Generator("cpu").manual_seed(seed)
             kwargs = {"num_frames": frames, "output_type": "np"} if video else {}
+            kwargs.update(family.call_kwargs)
             result = pipe(
                 PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator, **kwargs
             )

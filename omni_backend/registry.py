@@ -13,6 +13,7 @@ _FAMILIES: dict[str, str] = {
     "qwen_image_edit": "omni_backend.pipelines.qwen_image_edit:QwenImageEditStages",
     "wan22_t2v": "omni_backend.pipelines.wan:WanT2VStages",
     "wan22_i2v": "omni_backend.pipelines.wan_i2v:WanI2VStages",
+    "longcat_image": "omni_backend.pipelines.longcat_image:LongCatImageStages",
 }
 
 

@@ -54,6 +54,11 @@ def tiny_wan22_i2v(model_root: Path) -> Path:
     return tiny.build("wan22_i2v", model_root / "tiny-wan22-i2v", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_longcat_image(model_root: Path) -> Path:
+    return tiny.build("longcat_image", model_root / "tiny-longcat-image", seed=0)
+
+
 def _reference(pipeline_cls, checkpoint: Path, **components) -> Callable[..., np.ndarray]:
     """``render(prompt, seed, **kwargs)`` -> uint8 [H, W, 3] from the diffusers pipeline itself."""
     pipe = pipeline_cls.from_pretrained(checkpoint, dtype=torch.float32, **components)
@@ -90,6 +95,16 @@ def qwen_image_edit_reference(tiny_qwen_image_edit: Path):
     from omni_backend.pipelines.qwen_image_edit import load_processor
 
     return _reference(QwenImageEditPipeline, tiny_qwen_image_edit, processor=load_processor(str(tiny_qwen_image_edit)))
+
+
+@pytest.fixture(scope="session")
+def longcat_image_reference(tiny_longcat_image: Path):
+    """LongCatImagePipeline with its prompt rewriter off (``enable_prompt_rewrite=False``), as the family serves it;
+    its ``text_processor`` (the rewriter's only user, which needs torchvision) is not loaded."""
+    from diffusers import LongCatImagePipeline
+
+    render = _reference(LongCatImagePipeline, tiny_longcat_image, text_processor=None)
+    return lambda prompt, seed, **kwargs: render(prompt, seed, enable_prompt_rewrite=False, **kwargs)
 
 
 def _video_reference(pipeline_cls, checkpoint: Path) -> Callable[..., np.ndarray]:

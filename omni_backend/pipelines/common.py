@@ -1,14 +1,16 @@
-"""Helpers several families share: module groups, validating tensors that arrive from another ensemble stage."""
+"""Helpers several families share: module groups, classic CFG, validating tensors that arrive from another
+ensemble stage."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from omni_backend.request import InvalidRequestError
+from omni_backend.pipelines.base import Conditioning
+from omni_backend.request import DiffusionRequest, InvalidRequestError
 
 
 def loaded_groups(**groups: list[torch.nn.Module | None]) -> dict[str, list[torch.nn.Module]]:
@@ -72,3 +74,20 @@ def pad_sequences(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     padded = torch.stack([torch.cat([s, s.new_zeros(longest - s.shape[0], s.shape[1])]) for s in sequences])
     mask = torch.stack([torch.arange(longest, device=padded.device) < s.shape[0] for s in sequences]).to(torch.long)
     return padded, mask
+
+
+def encode_with_classic_cfg(
+    requests: Sequence[DiffusionRequest], encode_texts: Callable[[list[str]], list[torch.Tensor]]
+) -> list[Conditioning]:
+    """``prompt_embeds`` of every request; ``negative_prompt_embeds`` of those with ``guidance_scale`` > 1.
+
+    Classic CFG as WanPipeline and LongCatImagePipeline decide it: the negative prompt is encoded only
+    when guidance is on, and "" stands for a missing one. ``encode_texts``: one encoder pass over texts.
+    """
+    out: list[Conditioning] = [{"prompt_embeds": e} for e in encode_texts([r.prompt for r in requests])]
+    cfg_rows = [i for i, r in enumerate(requests) if r.params.guidance_scale > 1]
+    if cfg_rows:
+        negatives = encode_texts([requests[i].negative_prompt or "" for i in cfg_rows])
+        for i, negative in zip(cfg_rows, negatives, strict=True):
+            out[i]["negative_prompt_embeds"] = negative
+    return out

@@ -51,6 +51,7 @@ class FluxState(DenoiseState):
 
 class FluxStages(PipelineStages):
     options_cls = FluxOptions
+    transformer_cls: type = FluxTransformer2DModel  # whose config a stage without the transformer reads
 
     def __init__(self, pipe: FluxPipeline, checkpoint: str, options: FluxOptions, device: torch.device):
         self.pipe = pipe
@@ -68,7 +69,7 @@ class FluxStages(PipelineStages):
         transformer_config = (
             pipe.transformer.config
             if pipe.transformer is not None
-            else FluxTransformer2DModel.load_config(checkpoint, subfolder="transformer")
+            else self.transformer_cls.load_config(checkpoint, subfolder="transformer")
         )
         self.joint_attention_dim = transformer_config["joint_attention_dim"]
         self.pooled_projection_dim = transformer_config["pooled_projection_dim"]
@@ -277,10 +278,13 @@ class FluxStages(PipelineStages):
         negative = len(flux_states)
         for i, state in enumerate(flux_states):
             if state.do_true_cfg:
-                neg = noise[negative : negative + 1]
-                preds[i] = neg + state.request.params.true_cfg_scale * (preds[i] - neg)
+                preds[i] = self.guide(state, preds[i], noise[negative : negative + 1])
                 negative += 1
         return preds
+
+    def guide(self, state: FluxState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """The guided noise prediction of a request with a negative branch (FluxPipeline's true CFG)."""
+        return uncond + state.request.params.true_cfg_scale * (cond - uncond)
 
     # ------------------------------------------------------------------ 4. decode
 

@@ -24,7 +24,12 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays, loaded_groups, tensor_from_array
+from omni_backend.pipelines.common import (
+    embeddings_from_arrays,
+    encode_with_classic_cfg,
+    loaded_groups,
+    tensor_from_array,
+)
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens; WanPipeline's default
@@ -136,15 +141,7 @@ class WanT2VStages(PipelineStages):
 
     @torch.inference_mode()
     def encode(self, requests: Sequence[DiffusionRequest]) -> list[Conditioning]:
-        embeds = self._encode_texts([r.prompt for r in requests])
-        out: list[Conditioning] = [{"prompt_embeds": e} for e in embeds]
-        cfg_rows = [i for i, r in enumerate(requests) if r.params.guidance_scale > 1]
-        if cfg_rows:
-            # WanPipeline encodes "" when CFG is on and no negative prompt is given
-            negatives = self._encode_texts([requests[i].negative_prompt or "" for i in cfg_rows])
-            for i, negative in zip(cfg_rows, negatives, strict=True):
-                out[i]["negative_prompt_embeds"] = negative
-        return out
+        return encode_with_classic_cfg(requests, self._encode_texts)
 
     def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
         embeds, _ = self.pipe.encode_prompt(

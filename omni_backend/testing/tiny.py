@@ -8,7 +8,7 @@ CLI (idempotent; builds atomically into ``DIR.tmp-XXXX`` then renames)::
 
     python -m omni_backend.testing.tiny --family flux --out DIR [--seed N] [--force]
 
-Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``).
+Builders of other families live beside this module (``tiny_qwen.py``, ``tiny_wan.py``, ``tiny_longcat.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     embedding, CLIP pooled output -> ``pooled_projection_dim``, T5 ``d_model`` ->
     ``joint_attention_dim``. Loads with ``FluxPipeline.from_pretrained`` and renders 64x64 on CPU.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from omni_backend.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -89,21 +89,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
             )
         )
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),  # 4 levels -> vae_scale_factor 8
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_flux_vae()
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -135,6 +121,30 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def tiny_flux_vae():
+    """FLUX.1's ``AutoencoderKL`` narrowed: 16 latent channels, 8x downsampling, FLUX's scaling and shift.
+
+    The default size of the families built on it is its ``sample_size`` (64). Seed the RNG first.
+    """
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),  # 4 levels -> vae_scale_factor 8
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def save_pipeline(pipe, out_dir: str | Path) -> Path:
@@ -176,6 +186,7 @@ BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "qwen_image_edit": _lazy("omni_backend.testing.tiny_qwen:build_tiny_qwen_image_edit"),
     "wan22_t2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_t2v"),
     "wan22_i2v": _lazy("omni_backend.testing.tiny_wan:build_tiny_wan22_i2v"),
+    "longcat_image": _lazy("omni_backend.testing.tiny_longcat:build_tiny_longcat_image"),
 }
 
 

@@ -13,6 +13,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,12 +29,15 @@ TARGET_MODULES = (
 
 
 def build_tiny_flux_lora(base: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4) -> Path:
-    """Write an adapter for the FLUX checkpoint ``base`` to ``out_dir``; weights are random for ``seed``."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    """Write an adapter for the FLUX (or LongCat-Image) checkpoint ``base`` to ``out_dir``; random for ``seed``."""
+    import diffusers
+    from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=torch.float32)
+    # FLUX's or a FLUX-like transformer (LongCat-Image's has the same module names): the checkpoint's own class
+    _, class_name = json.loads((Path(base) / "model_index.json").read_text())["transformer"]
+    transformer = getattr(diffusers, class_name).from_pretrained(base, subfolder="transformer", dtype=torch.float32)
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,  # scaling alpha / r = 2: a strong adapter, so its image differs clearly from the base

@@ -27,7 +27,8 @@ QWEN_IMAGE_SCHEDULER_CONFIG: dict[str, object] = {
 TEXT_HIDDEN = 32  # Qwen2.5-VL hidden size = the transformer's joint_attention_dim
 
 
-def _text_encoder(tokenizer, seed: int):
+def qwen2_5_vl_text_encoder(tokenizer, seed: int):
+    """A narrow Qwen2.5-VL (text + vision towers) with hidden size ``TEXT_HIDDEN``, seeded."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = tokenizer.convert_tokens_to_ids
@@ -74,7 +75,7 @@ def qwen_image_components(seed: int) -> dict:
 
     tokenizer = build_qwen2_tokenizer()
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        text_encoder = _text_encoder(tokenizer, seed)
+        text_encoder = qwen2_5_vl_text_encoder(tokenizer, seed)
         torch.manual_seed(seed)
         vae = AutoencoderKLQwenImage(
             base_dim=8,
@@ -126,19 +127,30 @@ def build_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0) -> Path:
     ``omni_backend.pipelines.qwen_image_edit.load_processor`` loads it back.
     """
     from diffusers import QwenImageEditPipeline
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from omni_backend.testing.tiny import save_pipeline
 
     components = qwen_image_components(seed)
     out = save_pipeline(QwenImageEditPipeline(**components, processor=None), out_dir)
-    processor_dir = out / "processor"
+    save_vl_processor(out, "processor", components["tokenizer"])  # as in Qwen/Qwen-Image-Edit
+    return out
+
+
+def save_vl_processor(out: Path, name: str, tokenizer) -> None:
+    """Save a Qwen2.5-VL processor as ``out/name`` by its parts and name it in ``model_index.json``.
+
+    transformers cannot build a ``Qwen2VLProcessor`` without torchvision (its video processor), so the
+    image processor and the tokenizer are saved one by one, in the layout the processor's own
+    ``save_pretrained`` writes.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor_dir = out / name
     Qwen2VLImageProcessorPil(min_pixels=TINY_VISION_MIN_PIXELS, max_pixels=TINY_VISION_MAX_PIXELS).save_pretrained(
         processor_dir
     )
-    components["tokenizer"].save_pretrained(processor_dir)
+    tokenizer.save_pretrained(processor_dir)
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # as in Qwen/Qwen-Image-Edit's model_index.json
+    index[name] = ["transformers", "Qwen2VLProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,30 @@ class RawClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+def infer_concurrently(server: TritonServerProcess, jobs: list[tuple[str, str, dict]]) -> list[np.ndarray]:
+    """Send every (protocol, model, values) job at once, one thread each; their images, in order."""
+    clients = {p: RawClient(server, p) for p in PROTOCOLS}
+    results: dict[int, np.ndarray] = {}
+    errors: list[Exception] = []
+
+    def run(i: int) -> None:
+        protocol, model, values = jobs[i]
+        try:
+            results[i] = clients[protocol].infer(model, values)
+        except Exception as exc:  # collected, raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for c in clients.values():
+        c.close()
+    assert not errors, errors
+    return [results[i] for i in range(len(jobs))]
 
 
 @pytest.fixture(params=PROTOCOLS)

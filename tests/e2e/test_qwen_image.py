@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient, StepUpdate
-from tests.e2e.conftest import PROTOCOLS, RawClient, repository_of, serving
+from tests.e2e.conftest import PROTOCOLS, RawClient, infer_concurrently, repository_of, serving
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
@@ -68,31 +66,12 @@ def test_image_and_true_cfg_equal_diffusers(client, model, qwen_image_reference)
 
 def test_concurrent_requests_share_steps_and_equal_diffusers(qwen_server, qwen_image_reference):
     """Four requests at once (both models, both protocols, different prompts, seeds and steps)."""
-    clients = {p: RawClient(qwen_server, p) for p in PROTOCOLS}
     jobs = [
         (PROTOCOLS[i % 2], MODELS[i // 2], params(f"shape number {i}" + " tall" * i, seed=100 + i, steps=2 + i % 2))
         for i in range(4)
     ]
-    results: dict[int, np.ndarray] = {}
-    errors: list[Exception] = []
-
-    def run(i: int) -> None:
-        protocol, model, values = jobs[i]
-        try:
-            results[i] = clients[protocol].infer(model, values)
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    for i, (_, _, values) in enumerate(jobs):
-        assert_same_image(results[i], reference(qwen_image_reference, values))
-    for c in clients.values():
-        c.close()
+    for image, (_, _, values) in zip(infer_concurrently(qwen_server, jobs), jobs, strict=True):
+        assert_same_image(image, reference(qwen_image_reference, values))
 
 
 @pytest.mark.parametrize("model", MODELS)

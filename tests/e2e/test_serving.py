@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from omni_backend.testing.compare import assert_same_image
-from tests.e2e.conftest import RawClient
+from tests.e2e.conftest import infer_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -62,32 +60,12 @@ def test_true_cfg_equals_diffusers(client, model, flux_reference):
 
 
 def test_eight_concurrent_requests_all_answered_correctly(server, flux_reference):
-    clients = {p: RawClient(server, p) for p in ("grpc", "http")}
     jobs = [
         (("grpc", "http")[i % 2], MODELS[(i // 2) % 2], params(f"shape number {i}", seed=100 + i, steps=2 + i % 3))
         for i in range(8)
     ]
-    results: dict[int, np.ndarray] = {}
-    errors: list[Exception] = []
-
-    def run(i: int) -> None:
-        protocol, model, values = jobs[i]
-        try:
-            results[i] = clients[protocol].infer(model, values)
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert sorted(results) == list(range(8))
-    for i, (_, _, values) in enumerate(jobs):
-        assert_same_image(results[i], reference(flux_reference, values))
-    for c in clients.values():
-        c.close()
+    for image, (_, _, values) in zip(infer_concurrently(server, jobs), jobs, strict=True):
+        assert_same_image(image, reference(flux_reference, values))
 
 
 def test_same_seed_same_image_different_seed_different(client):

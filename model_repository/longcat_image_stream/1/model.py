@@ -1,0 +1,3 @@
+"""Shim: LongCat-Image with per-step streaming (decoupled)."""
+
+from omni_backend.triton import StreamingPipelineModel as TritonPythonModel  # noqa: F401
