@@ -5,8 +5,10 @@ machine in the same session, alternating call by call so that drift in machine l
 The ratio of medians is the overhead (target <= 1.05). The served image (or video) is also
 checked against the in-process one, so the two sides provably did the same work.
 
-    python -m benchmarks.overhead [--family flux|qwen_image|wan22_t2v|longcat_image] [--size 768] [--steps 8]
-                                  [--frames 9] [--repeats 15]
+    python -m benchmarks.overhead [--family flux|qwen_image|qwen_image_edit|wan22_t2v|wan22_i2v|longcat_image]
+                                  [--size 768] [--steps 8] [--frames 9] [--repeats 15]
+
+Families conditioned on ``input_image`` (edit, image-to-video) get the same seeded 96x128 RGB picture on both sides.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
+from PIL import Image
 
 from omni_backend.testing.compare import fraction_close
 from omni_backend.testing.server import TritonServerProcess
@@ -30,6 +34,13 @@ from omni_backend.testing.tiny import build
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a blue background"
+INPUT_IMAGE = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+
+
+def _edit_processor(checkpoint: str) -> dict:
+    from omni_backend.pipelines.qwen_image_edit import load_processor  # its processor needs no torchvision
+
+    return {"processor": load_processor(checkpoint)}
 
 
 @dataclass(frozen=True)
@@ -38,26 +49,33 @@ class Family:
     checkpoint: str  # the name model_repository/ uses
     output: str  # "image" or "video"
     # what the in-process pipeline needs beyond the common arguments to do what the served family does
-    load_kwargs: dict = field(default_factory=dict)  # from_pretrained
+    load_kwargs: Callable[[str], dict] = lambda checkpoint: {}  # from_pretrained, given the checkpoint
     call_kwargs: dict = field(default_factory=dict)  # __call__
+    input_image: bool = False  # conditioned on INPUT_IMAGE (``input_image`` served, ``image=`` in-process)
 
 
 FAMILIES = {
     "flux": Family("FluxPipeline", "flux-shapes", "image"),  # the tiny FLUX, under the served name
     "qwen_image": Family("QwenImagePipeline", "tiny-qwen-image", "image"),
+    "qwen_image_edit": Family(
+        "QwenImageEditPipeline", "tiny-qwen-image-edit", "image", _edit_processor, input_image=True
+    ),
     "wan22_t2v": Family("WanPipeline", "tiny-wan22-t2v", "video"),
+    "wan22_i2v": Family("WanImageToVideoPipeline", "tiny-wan22-i2v", "video", input_image=True),
     # the family serves LongCat-Image with its prompt rewriter off, and never loads the rewriter's processor
     "longcat_image": Family(
         "LongCatImagePipeline",
         "tiny-longcat-image",
         "image",
-        {"text_processor": None},
+        lambda checkpoint: {"text_processor": None},
         {"enable_prompt_rewrite": False},
     ),
 }
 
 
-def grpc_inputs(size: int, steps: int, seed: int, frames: int | None = None) -> list[grpcclient.InferInput]:
+def grpc_inputs(
+    size: int, steps: int, seed: int, frames: int | None = None, image: bool = False
+) -> list[grpcclient.InferInput]:
     values = [
         ("prompt", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
         ("height", np.array([[size]], np.int32), "INT32"),
@@ -67,6 +85,8 @@ def grpc_inputs(size: int, steps: int, seed: int, frames: int | None = None) -> 
     ]
     if frames is not None:
         values.append(("num_frames", np.array([[frames]], np.int32), "INT32"))
+    if image:
+        values.append(("input_image", INPUT_IMAGE[None], "UINT8"))
     inputs = []
     for name, array, dtype in values:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -95,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as models:
         checkpoint = build(args.family, Path(models) / family.checkpoint, seed=0)
         pipe = getattr(diffusers, family.pipeline).from_pretrained(
-            checkpoint, dtype=torch.float32, **family.load_kwargs
+            checkpoint, dtype=torch.float32, **family.load_kwargs(str(checkpoint))
         )
         pipe.set_progress_bar_config(disable=True)
 
@@ -103,6 +123,8 @@ def main() -> None:
             generator = torch.Generator("cpu").manual_seed(seed)
             kwargs = {"num_frames": frames, "output_type": "np"} if video else {}
             kwargs.update(family.call_kwargs)
+            if family.input_image:
+                kwargs["image"] = Image.fromarray(INPUT_IMAGE)
             result = pipe(
                 PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator, **kwargs
             )
@@ -119,7 +141,7 @@ def main() -> None:
             client = grpcclient.InferenceServerClient(server.grpc_url)
 
             def served(seed: int) -> np.ndarray:
-                inputs = grpc_inputs(args.size, args.steps, seed, frames)
+                inputs = grpc_inputs(args.size, args.steps, seed, frames, family.input_image)
                 return client.infer(args.family, inputs).as_numpy(family.output)[0]
 
             for seed in (0, 1):  # warm-up both sides (allocator, thread pools)
