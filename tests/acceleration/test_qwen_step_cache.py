@@ -162,8 +162,8 @@ def test_diffusers_hooks_match_diffusers_pipeline(family, backend):
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.enable_cache(config)
     generator = torch.Generator("cpu").manual_seed(seed)
-    image = pipe(prompt, generator=generator, height=SIZE, width=SIZE, num_inference_steps=steps, **extra).images[0]
-    assert np.array_equal(served, np.asarray(image))
+    image = pipe(prompt=prompt, generator=generator, height=SIZE, width=SIZE, num_inference_steps=steps, **extra)
+    assert np.array_equal(served, np.asarray(image.images[0]))
 
 
 def test_zero_cond_t_transformer_is_refused():
