@@ -62,7 +62,7 @@ class CacheRow:
 class StepCacheAdapter(Protocol):
     """What a family tells the caches about its transformer (implemented in pipelines/<family>.py)."""
 
-    row_inputs: tuple[str, ...]  # transformer kwargs that carry one row per CacheRow
+    row_inputs: tuple[str, ...]  # transformer kwargs that carry one row per CacheRow (tensors, lists or None)
     tea_cache_coefficients: tuple[float, ...]  # rescale polynomial of the relative L1 change, highest power first
     mag_ratios: tuple[float, ...]  # MagCache magnitude ratios calibrated for the family
 
@@ -83,11 +83,19 @@ class StepCacheAdapter(Protocol):
 
 
 def select_rows(inputs: dict[str, Any], names: Sequence[str], index: Sequence[int]) -> dict[str, Any]:
-    """The transformer kwargs of a subset of rows."""
-    picked = torch.tensor(list(index), dtype=torch.long)
-    return {
-        k: v.index_select(0, picked.to(v.device)) if k in names and v is not None else v for k, v in inputs.items()
-    }
+    """The transformer kwargs of a subset of rows. A row input is a tensor (rows on dim 0), a list or
+    tuple (one entry per row) or None (an optional input left out: stays None)."""
+    return {k: _pick(v, index) if k in names else v for k, v in inputs.items()}
+
+
+def _pick(value: Any, index: Sequence[int]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, torch.tensor(list(index), dtype=torch.long, device=value.device))
+    if isinstance(value, list | tuple):
+        return type(value)(value[i] for i in index)
+    raise TypeError(f"a row input must be a tensor, a list, a tuple or None, not {type(value).__name__}")
 
 
 class StepCache(ABC):

@@ -9,7 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from omni_backend.pipelines.base import Conditioning
+from omni_backend.cache.step_cache import CacheRow
+from omni_backend.pipelines.base import Conditioning, DenoiseState
 from omni_backend.request import DiffusionRequest, InvalidRequestError
 
 
@@ -18,6 +19,17 @@ def loaded_groups(**groups: list[torch.nn.Module | None]) -> dict[str, list[torc
     its own), and only the groups that have any."""
     present = {name: [m for m in modules if m is not None] for name, modules in groups.items()}
     return {name: modules for name, modules in present.items() if modules}
+
+
+def cache_row(state: DenoiseState, negative: bool) -> CacheRow:
+    """The step cache's view of one transformer row: ``state``'s conditional or negative (CFG) branch."""
+    return CacheRow(
+        request_id=state.request.request_id,
+        branch="uncond" if negative else "cond",
+        step_index=state.step_index,
+        num_steps=len(state.timesteps),
+        threshold=state.request.params.cache_threshold,
+    )
 
 
 def with_vae_in_encode(groups: dict[str, list[torch.nn.Module]], vae: torch.nn.Module | None) -> dict:

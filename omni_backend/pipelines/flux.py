@@ -21,11 +21,10 @@ from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from transformers import T5TokenizerFast
 
-from omni_backend.cache.step_cache import CacheRow
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.lora.adapter import DiffusersLoraAdapter
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import loaded_groups
+from omni_backend.pipelines.common import cache_row, loaded_groups
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 _TEXT_MODULES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -238,7 +237,7 @@ class FluxStages(PipelineStages):
         rows = self.denoise_rows(states)
         inputs = self.transformer_inputs(rows)
         if self.step_cache is not None:
-            noise = self.step_cache.forward([_cache_row(s, p) for s, p in rows], inputs)
+            noise = self.step_cache.forward([cache_row(s, bool(p)) for s, p in rows], inputs)
         else:
             noise = self.pipe.transformer(**inputs, return_dict=False)[0]
         return self.combine_rows(states, noise)
@@ -325,16 +324,6 @@ class FluxStages(PipelineStages):
         pixels = self.pipe.image_processor.postprocess(image, output_type="np")
         # the same rounding as diffusers' numpy_to_pil, so PIL output and ours agree exactly
         return [(p * 255).round().astype(np.uint8) for p in pixels]
-
-
-def _cache_row(state: DenoiseState, prefix: str) -> CacheRow:
-    return CacheRow(
-        request_id=state.request.request_id,
-        branch="uncond" if prefix else "cond",
-        step_index=state.step_index,
-        num_steps=len(state.timesteps),
-        threshold=state.request.params.cache_threshold,
-    )
 
 
 def _wants_true_cfg(negative_prompt: str | None, true_cfg_scale: float) -> bool:

@@ -30,7 +30,14 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 
 from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
-from omni_backend.pipelines.common import embeddings_from_arrays, loaded_groups, pad_sequences, tensor_from_array
+from omni_backend.pipelines.common import (
+    cache_row,
+    embeddings_from_arrays,
+    loaded_groups,
+    pad_sequences,
+    tensor_from_array,
+)
+from omni_backend.pipelines.qwen_image_cache import QwenImageCacheAdapter
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline refuses longer max_sequence_length
@@ -119,6 +126,9 @@ class QwenImageStages(PipelineStages):
         wants_cfg = _wants_true_cfg(request.negative_prompt, request.params.true_cfg_scale)
         negative = request.negative_prompt if wants_cfg else None
         return (request.prompt, negative, self.options.max_sequence_length)
+
+    def step_cache_adapter(self) -> QwenImageCacheAdapter:
+        return QwenImageCacheAdapter(self.pipe.transformer)
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         # true CFG on (the default scale, diffusers' example's " " negative prompt when the text encoder
@@ -215,7 +225,13 @@ class QwenImageStages(PipelineStages):
         cfg = [s for s in qwen_states if s.do_true_cfg]
         # Rows: the conditional branch of every request, then the negative branch of the CFG ones.
         rows = [(s, "") for s in qwen_states] + [(s, "negative_") for s in cfg]
-        noise = self._transformer(rows)
+        inputs = self.transformer_inputs(rows)
+        if self.step_cache is not None:
+            out = self.step_cache.forward([cache_row(s, bool(p)) for s, p in rows], inputs)
+        else:
+            out = self.pipe.transformer(**inputs, return_dict=False)[0]
+        # the edit's input-image latents follow the noisy ones in the sequence; only the latter are predicted
+        noise = out[:, : rows[0][0].latents.shape[1]]
         n = len(qwen_states)
         preds = [noise[i : i + 1] for i in range(n)]
         for j, state in enumerate(cfg):
@@ -223,9 +239,9 @@ class QwenImageStages(PipelineStages):
             preds[i] = _true_cfg(preds[i], noise[n + j : n + j + 1], state.request.params.true_cfg_scale)
         return preds
 
-    def _transformer(self, rows: list[tuple[QwenImageState, str]]) -> torch.Tensor:
-        """One transformer call over (state, branch prefix) rows: the state's latents, that branch's text."""
-        # the edit's input-image latents follow the noisy ones in the sequence; only the latter are predicted
+    def transformer_inputs(self, rows: list[tuple[QwenImageState, str]]) -> dict[str, Any]:
+        """Keyword arguments of one transformer call over (state, branch prefix) rows: the state's latents
+        (and the edit's input-image latents), that branch's text."""
         latents = torch.cat([_model_input(s) for s, _ in rows])
         timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(latents.dtype)
         text, mask = pad_sequences([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
@@ -234,15 +250,14 @@ class QwenImageStages(PipelineStages):
             guidance = torch.tensor(
                 [s.request.params.guidance_scale for s, _ in rows], device=self.device, dtype=torch.float32
             )
-        return self.pipe.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            guidance=guidance,
-            encoder_hidden_states_mask=mask,
-            encoder_hidden_states=text,
-            img_shapes=[s.img_shapes for s, _ in rows],
-            return_dict=False,
-        )[0][:, : rows[0][0].latents.shape[1]]
+        return {
+            "hidden_states": latents,
+            "timestep": timestep / 1000,
+            "guidance": guidance,
+            "encoder_hidden_states_mask": mask,
+            "encoder_hidden_states": text,
+            "img_shapes": [s.img_shapes for s, _ in rows],
+        }
 
     # ------------------------------------------------------------------ 4. decode
 
