@@ -51,7 +51,7 @@ def make(i: int, prompt: str, seed: int, negative: str | None, cfg: float, steps
 
 
 def run(stages, requests: list[DiffusionRequest], max_num_seqs: int = 8) -> dict:
-    """Drive scheduler + runner to completion (step batching); request id -> image."""
+    """Drive scheduler + runner to completion (step batching); request id -> decoded image or video."""
     runner = ModelRunner(stages, RunnerOutput.IMAGE)
     scheduler = StepScheduler(EngineConfig(max_num_seqs=max_num_seqs), stages.batch_key)
     for request in requests:
@@ -63,7 +63,7 @@ def run(stages, requests: list[DiffusionRequest], max_num_seqs: int = 8) -> dict
         scheduler.update(plan, result)
         for output in result.finished:
             assert output.error is None, output.error
-            images[output.request_id] = output.outputs["image"]
+            images[output.request_id] = output.outputs[stages.output_name]
     assert not runner.states
     return images
 

@@ -9,14 +9,13 @@ import pytest
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled  # what ModelMixin itself asks
 
-from omni_backend.config import ConfigError, EngineConfig, parse_model_config
-from omni_backend.engine.scheduler import StepScheduler
+from omni_backend.config import ConfigError, parse_model_config
 from omni_backend.pipelines.base import Component
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_accelerated
 from omni_backend.runner.warmup import warm_up_runner, warm_up_vae
-from tests.acceleration.conftest import CountingObserver
+from tests.acceleration.conftest import CountingObserver, run
 
 pytestmark = pytest.mark.slow
 
@@ -50,24 +49,6 @@ def requests(family: str, offset: int = 0) -> list[DiffusionRequest]:
             request.input_image = IMAGE if i == 0 else IMAGE[::-1].copy()
         out.append(request)
     return out
-
-
-def run(stages, batch: list[DiffusionRequest]) -> dict[str, np.ndarray]:
-    """Step-batched to completion; request id -> decoded output."""
-    runner = ModelRunner(stages, RunnerOutput.IMAGE)
-    scheduler = StepScheduler(EngineConfig(max_num_seqs=8), stages.batch_key)
-    for request in batch:
-        scheduler.add(request)
-    outputs = {}
-    while scheduler.has_work():
-        plan = scheduler.schedule()
-        result = runner.execute(plan)
-        scheduler.update(plan, result)
-        for output in result.finished:
-            assert output.error is None, output.error
-            outputs[output.request_id] = output.outputs[stages.output_name]
-    assert not runner.states
-    return outputs
 
 
 FAMILIES = ["qwen_image", "qwen_image_edit", "wan22_t2v", "wan22_i2v"]
