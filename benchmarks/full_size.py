@@ -10,6 +10,7 @@ locally trained ones: token ids stay inside the real vocabularies, which is all 
     python -m benchmarks.full_size --family flux [--height 1024 --width 1024 --steps 28 --repeats 3]
     python -m benchmarks.full_size --check       # CPU: build on the meta device, count parameters
     python -m benchmarks.full_size --smoke       # CPU: the same code on width/depth-reduced configs
+    python -m benchmarks.full_size --family flux --ours   # and our stages per offload mode, same weights
 
 Published reference points: FLUX.1-dev on one H100, 1024x1024, 28 steps: 6.71 s (xDiT's table);
 Qwen-Image, 1024x1024, 50 steps: 20.0 s (vLLM-Omni's docs, baseline). Results go to
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.full_size_stages import OFFLOAD_MODES, STAGE_OPTIONS, time_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a blue background"
@@ -307,7 +310,15 @@ def build_pipeline(family: str, device: str, dtype: torch.dtype, smoke: bool) ->
     return pipe
 
 
-def time_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class FamilyRun:
+    row: dict[str, Any]  # the CSV row
+    pipe: Any  # the built pipeline: ``--ours`` times it again through our stages
+    call: dict[str, Any]  # the pipeline call's arguments
+    output: Any  # diffusers' output for seed 1 (float in [0, 1]): ``--ours`` reports its distance to it
+
+
+def time_family(family: str, args: argparse.Namespace) -> FamilyRun:
     """Build, warm up once, then time ``args.repeats`` end-to-end calls of the diffusers pipeline."""
     spec = FAMILIES[family]
     dtype = getattr(torch, args.dtype)
@@ -324,13 +335,17 @@ def time_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         if "num_frames" in call:
             call["num_frames"] = 5
 
+    first: list[Any] = []  # the output of seed 1, which ``--ours`` compares its own with
+
     def run_once(seed: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
+        out = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if seed == 1:
+            first.append(out[0][0])  # images / frames of the one prompt
         return time.perf_counter() - start
 
     if device.type == "cuda":
@@ -338,7 +353,7 @@ def time_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     run_once(0)  # warm-up: kernels, allocator, cuDNN autotuning
     times = [run_once(seed) for seed in range(1, args.repeats + 1)]
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return {
+    row = {
         "family": family,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": args.dtype,
@@ -356,6 +371,7 @@ def time_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "reference": spec.reference,
     }
+    return FamilyRun(row, pipe, call, first[0])
 
 
 def parameter_table(families: list[str]) -> list[tuple[str, str, float, float]]:
@@ -391,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check", action="store_true", help="count parameters on the meta device and exit")
     parser.add_argument("--smoke", action="store_true", help="reduced widths and depths, 64x64, 2 steps")
+    parser.add_argument("--ours", action="store_true", help="also time our stages on the same weights (flux)")
+    parser.add_argument("--offload", nargs="+", default=list(OFFLOAD_MODES), choices=OFFLOAD_MODES,
+                        help="with --ours: the offload modes to time, in this order")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "full_size.csv")
     args = parser.parse_args(argv)
     families = args.family or sorted(FAMILIES)
@@ -400,12 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.device.startswith("cpu") and not args.smoke:
         parser.error("full-size timing needs a GPU (--device cuda); use --smoke or --check on a CPU")
-    rows = []
+    if args.ours and set(families) - set(STAGE_OPTIONS):
+        parser.error(f"--ours drives {', '.join(sorted(STAGE_OPTIONS))} so far; pick those with --family")
     for family in families:
-        row = time_family(family, args)
-        print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        rows.append(row)
-    write_csv(rows, args.out)
+        run = time_family(family, args)
+        print(", ".join(f"{k}={v}" for k, v in run.row.items()), flush=True)
+        write_csv([run.row], args.out)  # row by row: a run cut short keeps what it measured
+        if args.ours:
+            rows = time_stages(family, run.pipe, run.call, PROMPT, run.output, args)
+            write_csv(rows, args.out.with_name("full_size_stages.csv"))
+        del run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
 
 

@@ -68,7 +68,7 @@ class TritonAccelerationMetrics(AccelerationObserver):
         "omni_cache_computed_steps_total": "Transformer rows a step cache ran through the full transformer",
         "omni_prompt_embed_cache_hits_total": "Prompts answered by the prompt-embedding cache",
         "omni_prompt_embed_cache_misses_total": "Prompts sent to the text encoders by the prompt-embedding cache",
-        "omni_offload_bytes_total": "Bytes of weights moved between host and device by offloading",
+        "omni_offload_bytes_total": "Bytes of weights copied from host to device by offloading",
     }
 
     def __init__(self, model_name: str):
