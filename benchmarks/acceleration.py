@@ -67,7 +67,7 @@ def load(model: Path, device: torch.device, **parameters: str):
 
 
 def generate(stages, requests: list[DiffusionRequest]) -> tuple[dict[str, np.ndarray], float]:
-    """All ``requests`` step-batched to completion: (images by id, wall seconds)."""
+    """All ``requests`` step-batched to completion: (images or videos by id, wall seconds)."""
     runner = ModelRunner(stages, RunnerOutput.IMAGE, synchronize=True)
     scheduler = StepScheduler(EngineConfig(max_num_seqs=len(requests)), stages.batch_key)
     for request in requests:
@@ -80,7 +80,7 @@ def generate(stages, requests: list[DiffusionRequest]) -> tuple[dict[str, np.nda
         scheduler.update(plan, result)
         for output in result.finished:
             assert output.error is None, output.error
-            images[output.request_id] = output.outputs["image"]
+            images[output.request_id] = output.outputs[stages.output_name]  # image or video
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return images, time.perf_counter() - started

@@ -407,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check", action="store_true", help="count parameters on the meta device and exit")
     parser.add_argument("--smoke", action="store_true", help="reduced widths and depths, 64x64, 2 steps")
-    parser.add_argument("--ours", action="store_true", help="also time our stages on the same weights (flux)")
+    parser.add_argument("--ours", action="store_true", help="also time our stages on the same weights")
     parser.add_argument("--offload", nargs="+", default=list(OFFLOAD_MODES), choices=OFFLOAD_MODES,
                         help="with --ours: the offload modes to time, in this order")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=1, help="with --ours: requests per step batch")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "full_size.csv")
     args = parser.parse_args(argv)
     families = args.family or sorted(FAMILIES)
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cpu") and not args.smoke:
         parser.error("full-size timing needs a GPU (--device cuda); use --smoke or --check on a CPU")
     if args.ours and set(families) - set(STAGE_OPTIONS):
-        parser.error(f"--ours drives {', '.join(sorted(STAGE_OPTIONS))} so far; pick those with --family")
+        parser.error(f"--ours drives {', '.join(sorted(STAGE_OPTIONS))}; pick those with --family")
     for family in families:
         run = time_family(family, args)
         print(", ".join(f"{k}={v}" for k, v in run.row.items()), flush=True)

@@ -28,21 +28,27 @@ from omni_backend.runner.acceleration import apply_acceleration
 OFFLOAD_MODES = ("none", "model", "layerwise")
 # the families this path drives, and the options that make their stages match the diffusers call
 # (FluxPipeline's default T5 length is 512; the tiny tokenizer would otherwise declare its own)
-STAGE_OPTIONS: dict[str, dict[str, Any]] = {"flux": {"max_sequence_length": 512}}
+STAGE_OPTIONS: dict[str, dict[str, Any]] = {"flux": {"max_sequence_length": 512}, "wan22_t2v": {}}
 
 
-def _request(request_id: str, call: dict[str, Any], prompt: str, seed: int) -> DiffusionRequest:
-    params = SamplingParams(
-        call["height"], call["width"], call["num_inference_steps"], call.get("guidance_scale", 3.5), 1.0, seed
-    )
-    return DiffusionRequest(request_id, params, prompt=prompt)
+def _batch(mode: str, call: dict[str, Any], prompt: str, seed: int, size: int) -> list[DiffusionRequest]:
+    """``size`` requests for one step batch; the first has ``seed`` and the id ``{mode}-{seed}``."""
+    requests = []
+    for i in range(size):
+        params = SamplingParams(
+            call["height"], call["width"], call["num_inference_steps"], call["guidance_scale"], 1.0, seed + 100 * i,
+            num_frames=call.get("num_frames", 1), guidance_scale_2=call.get("guidance_scale_2"),
+        )  # fmt: skip
+        requests.append(DiffusionRequest(f"{mode}-{seed}" + (f"-{i}" if i else ""), params, prompt=prompt))
+    return requests
 
 
 def time_stages(
     family: str, pipe: Any, call: dict[str, Any], prompt: str, reference: np.ndarray, args: argparse.Namespace
 ) -> list[dict]:
-    """One row per offload mode: median latency of ``args.repeats`` requests after a warm-up, peak
-    memory, and the max pixel error of seed 1's image to diffusers' (``reference``, floats in [0, 1]).
+    """One row per offload mode: median latency of ``args.repeats`` step batches of ``args.batch``
+    requests after a warm-up, peak memory, and the max pixel error of seed 1's image (the first of its
+    batch) to diffusers' alone (``reference``, floats in [0, 1]).
 
     Modes run in the order of ``OFFLOAD_MODES``; each wraps the same modules in fresh stages (an
     offload mode only ever moves weights to host memory, which the next mode starts from)."""
@@ -59,13 +65,13 @@ def time_stages(
                 for module in modules:
                     module.to(device)  # back from an earlier mode's host memory
         apply_acceleration(stages, config, device, AccelerationObserver())
-        generate(stages, [_request(f"{mode}-warm", call, prompt, 0)])
+        generate(stages, _batch(f"{mode}-warm", call, prompt, 0, args.batch))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         times, images = [], {}
         for seed in range(1, args.repeats + 1):
-            out, seconds = generate(stages, [_request(f"{mode}-{seed}", call, prompt, seed)])
+            out, seconds = generate(stages, _batch(mode, call, prompt, seed, args.batch))
             times.append(seconds)
             images.update(out)
         expected = (np.clip(reference, 0, 1) * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
@@ -75,8 +81,10 @@ def time_stages(
             "family": family, "path": f"ours, offload {mode}",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": args.dtype, "height": call["height"], "width": call["width"],
-            "steps": call["num_inference_steps"], "median_s": round(statistics.median(times), 3),
-            "min_s": round(min(times), 3), "peak_gb": round(peak_gb, 2), "max_err_vs_diffusers": max_err,
+            "frames": call.get("num_frames", 1), "steps": call["num_inference_steps"], "batch": args.batch,
+            "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+            "s_per_output": round(statistics.median(times) / args.batch, 3), "peak_gb": round(peak_gb, 2),
+            "max_err_vs_diffusers": max_err,
             "torch": torch.__version__,
         })  # fmt: skip
         print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one run sized for a 10-minute device lease, most important first:
+# Every check that needs a GPU, most important first (all of them take about 9 minutes on an H200):
 #   1. the CUDA-only tests (offload and sleep free real device memory; images unchanged),
 #   2. FLUX.1-dev at full size: diffusers, then our stages on the same weights per offload mode,
-#   3. Qwen-Image and Wan2.2-T2V-A14B at full size through diffusers.
+#      one request and a step batch of 4,
+#   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages.
 # Results go to $OUT (default benchmarks/results/gpu); each step has its own time limit, so a slow
-# one costs only itself. Python packages missing on the GPU machine travel as wheels in .whl/.
+# one costs only itself. STEPS="cuda_tests flux" runs only those. Python packages missing on the GPU
+# machine travel as wheels in .whl/.
 #     bash benchmarks/gpu_checks.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
@@ -22,6 +24,7 @@ export PYTHONPATH=$PWD:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
     local name=$1 limit=$2
     shift 2
+    [[ " ${STEPS:-$name} " == *" $name "* ]] || return 0
     local started=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/summary.txt"
@@ -31,5 +34,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 step cuda_tests 180 python3 -m pytest -q -s -p no:cacheprovider -k "cuda or sleep_frees_device_memory" \
     tests/acceleration/test_offload.py tests/control/test_control_engine.py
 step flux 240 python3 -m benchmarks.full_size --family flux --ours --repeats 2 --out "$OUT/full_size.csv"
+step flux_batch4 240 python3 -m benchmarks.full_size --family flux --ours --batch 4 --repeats 1 \
+    --out "$OUT/full_size.csv"
 step qwen_image 150 python3 -m benchmarks.full_size --family qwen_image --repeats 1 --out "$OUT/full_size.csv"
-step wan22_t2v 180 python3 -m benchmarks.full_size --family wan22_t2v --steps 2 --repeats 1 --out "$OUT/full_size.csv"
+step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --steps 2 --repeats 1 \
+    --out "$OUT/full_size.csv"

@@ -53,22 +53,26 @@ def test_smoke_times_our_stages_on_the_same_weights(tmp_path: Path) -> None:
     out = tmp_path / "full_size.csv"
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.full_size", "--smoke", "--dtype", "float32", "--repeats", "1",
-         "--device", "cpu", "--family", "flux", "--ours", "--out", str(out)],
+         "--device", "cpu", "--family", "flux", "--family", "wan22_t2v", "--ours", "--batch", "2", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "full_size_stages.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == [f"ours, offload {mode}" for mode in ("none", "model", "layerwise")]
+    modes = [f"ours, offload {mode}" for mode in ("none", "model", "layerwise")]
+    assert [(r["family"], r["path"]) for r in rows] == [(f, m) for f in ("flux", "wan22_t2v") for m in modes]
     for row in rows:
-        # every offload mode runs diffusers' own weights to diffusers' image (float32: DESIGN's 1 level)
+        assert row["batch"] == "2", row
+        # every offload mode, batched, runs diffusers' own weights to diffusers' image or video alone
+        # (float32: DESIGN's 1 level)
         assert int(row["max_err_vs_diffusers"]) <= 1, row
         assert 0 < float(row["min_s"]) <= float(row["median_s"]), row
 
 
 def test_ours_refuses_a_family_it_does_not_drive() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.full_size", "--smoke", "--family", "wan22_t2v", "--ours", "--device", "cpu"],
+        [sys.executable, "-m", "benchmarks.full_size", "--smoke", "--family", "qwen_image", "--ours",
+         "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert run.returncode == 2 and "--ours drives flux" in run.stderr
+    assert run.returncode == 2 and "--ours drives flux, wan22_t2v" in run.stderr

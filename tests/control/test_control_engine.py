@@ -197,13 +197,15 @@ def test_sleep_frees_device_memory(tiny_flux, level):
         [before] = images(generate(engine, request("a", seed=5)))
         awake = torch.cuda.memory_allocated()
         asleep = control(engine, config, "sleep", level=level).result
-        freed = awake - torch.cuda.memory_allocated()
+        sleeping = torch.cuda.memory_allocated()
         weights = sum(p.numel() * p.element_size() for p in transformer(engine).parameters())
-        print(f"level {level}: allocated {awake} -> {awake - freed} bytes (transformer weights {weights} bytes)")
-        assert freed >= weights, (awake, asleep)
+        print(f"level {level}: allocated {awake} -> {sleeping} bytes (transformer weights {weights} bytes)")
+        assert awake - sleeping >= weights, (awake, asleep)
         assert asleep["device_memory_allocated"] < awake
         control(engine, config, "wake")
-        assert torch.cuda.memory_allocated() >= awake - 1024 * 1024
+        # the weights are back (level 2: reloaded); other allocations (request tensors) may differ from before
+        assert torch.cuda.memory_allocated() - sleeping >= weights
+        assert all(p.device.type == "cuda" for p in transformer(engine).parameters())
         [after] = images(generate(engine, request("b", seed=5)))
         np.testing.assert_array_equal(before, after)
     finally:
