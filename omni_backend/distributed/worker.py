@@ -194,10 +194,13 @@ class ParallelRunner:
             self._broadcast("abort", list(request_ids))
 
     def run_control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Every rank runs the op; rank 0's answer, with every rank's traces and statuses."""
-        if op in ("sleep", "wake"):
-            # a rank's weights may be sharded or split (tensor / pipeline parallel): not moved safely yet
-            raise ControlRefusedError("control", f"{op} is not supported with a parallel group yet")
+        """Every rank runs the op (sleep and wake move each rank's own weights, shards included); rank 0's
+        answer, with every rank's traces and statuses."""
+        parallel = self._setup[0].parallel
+        if op == "sleep" and args["level"] == 2 and parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+            # a reload is the whole checkpoint; a rank holds shards (tensor) or some blocks (pipeline) of it
+            message = "sleep level 2 is not supported with tensor_parallel_size or pipeline_parallel_size > 1"
+            raise ControlRefusedError("control.level", message)
         if not self._procs:
             self._start()
         self._broadcast("control", (op, args))
@@ -211,7 +214,7 @@ class ParallelRunner:
         merged = dict(replies[0])
         if "traces" in merged:
             merged["traces"] = [trace for rank in sorted(replies) for trace in replies[rank]["traces"]]
-        if op == "status":
+        if op in ("status", "sleep", "wake"):
             merged["ranks"] = [replies[rank] for rank in sorted(replies)]
         return merged
 
