@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance scale (Wan2.2)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--num-frames", type=int, help="number of frames (video models)")
+    gen.add_argument("--cache-threshold", type=float, help="this request's step-cache threshold (0: skip no step)")
+    gen.add_argument("--lora", dest="lora_name", help="LoRA adapter (a folder under the model's lora_dir)")
+    gen.add_argument("--lora-scale", type=float, help="the adapter's weight (server default 1.0)")
     gen.add_argument(
         "--image", "--input-image", type=Path, dest="input_image", help="input image (edit / image-to-video models)"
     )
@@ -203,6 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for key in (
             "negative_prompt", "height", "width", "num_inference_steps",
             "guidance_scale", "true_cfg_scale", "guidance_scale_2", "seed", "num_frames",
+            "cache_threshold", "lora_name", "lora_scale",
         )
         if getattr(args, key) is not None
     }  # fmt: skip

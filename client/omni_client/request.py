@@ -32,6 +32,9 @@ INPUT_DATATYPES: dict[str, str] = {
     "seed": "INT64",
     "input_image": "UINT8",
     "num_frames": "INT32",
+    "cache_threshold": "FP32",
+    "lora_name": "BYTES",
+    "lora_scale": "FP32",
 }
 
 _NUMPY_DTYPES: dict[str, Any] = {
@@ -42,7 +45,7 @@ _NUMPY_DTYPES: dict[str, Any] = {
     "UINT8": np.uint8,
 }
 _POSITIVE_INTS = ("height", "width", "num_inference_steps", "num_frames")
-_FLOATS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2")
+_FLOATS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2", "cache_threshold", "lora_scale")
 
 ImageLike = Image.Image | np.ndarray
 
@@ -64,6 +67,10 @@ class GenerationRequest:
         input_image: Conditioning image for edit / image-to-video models: a PIL image (converted
             to RGB) or a ``uint8`` array of shape ``[H, W, 3]``.
         num_frames: Number of frames, for video models.
+        cache_threshold: This request's step-cache threshold, overriding the model's configured one
+            (models with a ``cache_backend``; 0 skips no step).
+        lora_name: LoRA adapter to run with (a folder under the model's ``lora_dir``).
+        lora_scale: The adapter's weight (default 1.0 on the server).
     """
 
     prompt: str
@@ -77,6 +84,9 @@ class GenerationRequest:
     seed: int | None = None
     input_image: ImageLike | None = None
     num_frames: int | None = None
+    cache_threshold: float | None = None
+    lora_name: str | None = None
+    lora_scale: float | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Returns the wire arrays of this request; see :func:`build_input_arrays`."""

@@ -1,8 +1,9 @@
 """Through a real tritonserver: the prompt-embedding cache (one-model pipeline and text-encoder stage)
-and a step cache with a per-request ``cache_threshold``, with their Prometheus metrics.
+and a step cache with a per-request ``cache_threshold`` (one model, stream, ensemble), with their
+Prometheus metrics.
 
-A copy of model_repository/ in a tmp dir configures ``flux`` and ``flux_text_encoder`` for
-acceleration; only those two load, so the shared ``server`` fixture stays as it is.
+A copy of model_repository/ in a tmp dir configures the FLUX models for acceleration, so the shared
+``server`` fixture stays as it is.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess
+from omni_client import OmniClient
 from tests.e2e.conftest import REPOSITORY, RawClient, add_parameters
 from tests.e2e.metrics import scrape, value
 
@@ -27,15 +29,20 @@ FLUX_EXTRA = """  { key: "enable_prompt_embed_cache", value: { string_value: "tr
 """
 ENCODER_EXTRA = """  { key: "enable_prompt_embed_cache", value: { string_value: "true" } },
 """
+STEP_CACHE_EXTRA = """  { key: "cache_backend", value: { string_value: "tea_cache" } },
+  { key: "cache_config", value: { string_value: "{\\"rel_l1_thresh\\": 5.0}" } },
+"""
 
 
 @pytest.fixture(scope="module")
 def accel_server(tmp_path_factory, model_root: Path):
     repository = tmp_path_factory.mktemp("repository")
-    for model in ("flux", "flux_text_encoder"):
+    for model in ("flux", "flux_stream", "flux_text_encoder", "flux_transformer", "flux_vae", "flux_ensemble"):
         shutil.copytree(REPOSITORY / model, repository / model)
     add_parameters(repository, "flux", FLUX_EXTRA)
     add_parameters(repository, "flux_text_encoder", ENCODER_EXTRA)
+    add_parameters(repository, "flux_stream", STEP_CACHE_EXTRA)
+    add_parameters(repository, "flux_transformer", STEP_CACHE_EXTRA)
     process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})
     process.start(timeout=600)
     yield process
@@ -101,3 +108,25 @@ def test_text_encoder_stage_cache(accel_server, client):
     assert np.array_equal(first, second) and np.abs(first).sum() > 0
     assert metric(accel_server, "omni_prompt_embed_cache_hits_total", "flux_text_encoder") == 1
     assert metric(accel_server, "omni_prompt_embed_cache_misses_total", "flux_text_encoder") == 1
+
+
+@pytest.mark.parametrize("model", ["flux_stream", "flux_ensemble"])
+def test_cache_threshold_reaches_the_stream_and_the_ensemble(accel_server, flux_reference, model):
+    # runs after test_text_encoder_stage_cache, which counts the encoder stage's cache exactly
+    counted = "flux_transformer" if model == "flux_ensemble" else model  # where the step cache runs
+    prompt = f"a request to {model}"
+    expected = flux_reference(prompt, 5, height=64, width=64, num_inference_steps=6)
+    with OmniClient(accel_server.grpc_url, model=model) as client:
+
+        def generate(**extra) -> np.ndarray:
+            params = {"height": 64, "width": 64, "num_inference_steps": 6, "seed": 5, **extra}
+            if model == "flux_stream":
+                return client.generate_stream(prompt, output="numpy", **params)
+            return client.generate(prompt, output="numpy", **params)
+
+        before = metric(accel_server, "omni_cache_skipped_steps_total", counted)
+        assert_same_image(generate(cache_threshold=0.0), expected)  # 0: no step skipped
+        assert metric(accel_server, "omni_cache_skipped_steps_total", counted) == before
+        loose = generate()  # the configured rel_l1_thresh 5.0
+        assert metric(accel_server, "omni_cache_skipped_steps_total", counted) > before
+        assert np.abs(loose.astype(int) - expected.astype(int)).max() <= 32  # README's bound for the tiny model

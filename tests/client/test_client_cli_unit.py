@@ -31,6 +31,10 @@ def test_cli_parsing() -> None:
     )
     assert (args.prompt, args.num_inference_steps, args.seed, args.guidance_scale) == ("a fox", 4, 3, 2.5)
     assert args.model == "flux" and args.url is None and args.protocol is None and args.height is None
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "x", "--out", "o.png", "--cache-threshold", "0", "--lora", "ink", "--lora-scale", "-1"]
+    )
+    assert (args.cache_threshold, args.lora_name, args.lora_scale) == (0.0, "ink", -1.0)
     args = build_parser().parse_args(["health", "--url", "h:1", "--protocol", "http", "--model", "a", "--model", "b"])
     assert args.models == ["a", "b"] and args.protocol == "http"
 

@@ -40,6 +40,9 @@ FULL = GenerationRequest(
     seed=2**40,
     input_image=np.zeros((8, 6, 3), dtype=np.uint8),
     num_frames=9,
+    cache_threshold=0.25,
+    lora_name="pixel-art",
+    lora_scale=-0.5,
 )
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -61,6 +64,8 @@ def test_full_request_names_dtypes_shapes() -> None:
     assert arrays["seed"][0, 0] == 2**40
     assert arrays["guidance_scale"][0, 0] == pytest.approx(3.5)
     assert arrays["negative_prompt"][0, 0] == b"blurry"
+    assert arrays["lora_name"][0, 0] == b"pixel-art"
+    assert (arrays["cache_threshold"][0, 0], arrays["lora_scale"][0, 0]) == (0.25, -0.5)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
