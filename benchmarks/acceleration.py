@@ -14,6 +14,8 @@ uncached, unoffloaded run of the same requests on the same machine, in the same 
   only move bookkeeping, so only latency is reported).
 
     python -m benchmarks.acceleration [--model PATH] [--size 256] [--steps 28] [--prompts 3] [--smoke]
+    python -m benchmarks.acceleration --model demo/flux-shapes --size 64 --steps 20 \
+        --prompt "a red circle on a blue background" --prompt "a yellow triangle on a green background"
 
 Writes acceleration.{csv,md} to ``--out-dir`` (default benchmarks/results)."""
 
@@ -88,7 +90,8 @@ def generate(stages, requests: list[DiffusionRequest]) -> tuple[dict[str, np.nda
 
 def requests(args: argparse.Namespace, tag: str) -> list[DiffusionRequest]:
     params = [SamplingParams(args.size, args.size, args.steps, 3.5, 1.0, seed) for seed in range(args.prompts)]
-    return [DiffusionRequest(f"{tag}-{i}", p, prompt=PROMPTS[i % len(PROMPTS)]) for i, p in enumerate(params)]
+    prompts = args.prompt or PROMPTS
+    return [DiffusionRequest(f"{tag}-{i}", p, prompt=prompts[i % len(prompts)]) for i, p in enumerate(params)]
 
 
 def alone(stages, args: argparse.Namespace, tag: str) -> tuple[list[np.ndarray], float]:
@@ -197,6 +200,7 @@ def write(rows: list[dict], out_dir: Path, header: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="FLUX.1 checkpoint folder (default: a tiny one, built now)")
+    parser.add_argument("--prompt", action="append", help="prompts to cycle through (repeatable; default: 3 photos)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--prompts", type=int, default=3)

@@ -1,19 +1,28 @@
 """cfg2, ulysses2 and pp2 served by a real tritonserver: each model instance drives a worker group of
-two spawned ranks (gloo), and the images equal diffusers' FluxPipeline; a bad layout fails its load.
+two spawned ranks (gloo), and the images equal diffusers' FluxPipeline; a bad layout fails its load;
+a rank killed mid-request fails the requests in flight at once and the next request gets a fresh group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
+from omni_backend.serving.procs import children, stubs_of
 from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess
 from tests.e2e.conftest import REPOSITORY, RawClient
+from tests.e2e.metrics import scrape, value
+from tests.e2e.test_step_batching import run_in_thread, wait_for_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -72,3 +81,50 @@ def test_bad_layout_fails_the_load_naming_the_parameter(parallel_server):
         assert client.is_model_ready("flux_cfg2")  # the server keeps serving
     finally:
         client.close()
+
+
+def _ranks(server: TritonServerProcess, model: str) -> list[int]:
+    """Pids of the worker ranks a model's stub spawned (not multiprocessing's resource tracker)."""
+    (stub,) = [s for s in stubs_of(server.server_pid) if s.model == model]
+    ranks = []
+    for pid in children(stub.pid):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+    return ranks
+
+
+def test_killing_a_worker_mid_request_fails_it_fast_and_the_group_restarts(parallel_server, flux_reference):
+    model = "flux_cfg2"
+    ranks = _ranks(parallel_server, model)
+    assert len(ranks) == 2, ranks
+    grpc, http = RawClient(parallel_server, "grpc"), RawClient(parallel_server, "http")
+    request = {"prompt": "a long walk", "negative_prompt": "blurry", "true_cfg_scale": np.float32(3.0),
+               "height": np.int32(64), "width": np.int32(64), "num_inference_steps": np.int32(500),
+               "seed": np.int64(1)}  # fmt: skip
+    before = value(scrape(parallel_server.metrics_url), "omni_denoise_steps_total", model=model)
+    in_flight = [run_in_thread(client.infer, model, request) for client in (grpc, http)]
+    wait_for_steps(parallel_server, model, before + 3)
+    os.kill(ranks[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    for thread, _ in in_flight:
+        thread.join(120)
+    for _, box in in_flight:
+        kind, error, at = box[0]
+        assert kind == "error" and isinstance(error, InferenceServerException), box
+        assert "parallel worker rank 1 died" in error.message(), error.message()
+        print(f"in-flight error {at - killed_at:.2f} s after the kill")
+        assert at - killed_at < 30  # a liveness bound: an answer, not the client's own timeout
+    assert grpc.client.is_model_ready(model)  # the model stays READY: its next step starts a fresh group
+    # the next request is served by a fresh group, right
+    restart = time.monotonic()
+    image = grpc.infer(model, {**request, "num_inference_steps": np.int32(3), "seed": np.int64(7)})
+    print(f"served again {time.monotonic() - restart:.1f} s after the next request arrived")
+    expected = flux_reference(
+        "a long walk", 7, negative_prompt="blurry", true_cfg_scale=3.0, height=64, width=64, num_inference_steps=3
+    )
+    assert_same_image(image, expected)
+    assert not set(ranks) & set(_ranks(parallel_server, model)), "the dead group's ranks are still there"
+    assert "parallel worker rank 1" in parallel_server.log() and "died" in parallel_server.log()
+    grpc.close()
+    http.close()
