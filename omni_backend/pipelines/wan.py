@@ -166,7 +166,7 @@ class WanT2VStages(PipelineStages):
     @torch.inference_mode()
     def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> WanState:
         params = request.params
-        dtype = self._experts()[0].dtype
+        dtype = self.experts()[0].dtype
         conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
         # Same draw as WanPipeline(generator=torch.Generator("cpu").manual_seed(seed)); latents stay float32.
         generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -188,7 +188,8 @@ class WanT2VStages(PipelineStages):
             1, self.in_channels, params.height, params.width, params.num_frames, torch.float32, self.device, generator
         )
 
-    def _experts(self) -> list[torch.nn.Module]:
+    def experts(self) -> list[torch.nn.Module]:
+        """The loaded experts, high noise first: ``expert_index`` indexes this list (parallel specs too)."""
         return [m for m in (self.pipe.transformer, self.pipe.transformer_2) if m is not None]
 
     # ------------------------------------------------------------------ 3. denoise
@@ -197,7 +198,7 @@ class WanT2VStages(PipelineStages):
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
         wan_states: list[WanState] = list(states)  # type: ignore[arg-type]
         preds: list[torch.Tensor | None] = [None] * len(wan_states)
-        experts = self._experts()
+        experts = self.experts()
         for expert, model in enumerate(experts):
             group = [i for i, s in enumerate(wan_states) if self.expert_index(s) == expert]
             if group:
@@ -222,7 +223,7 @@ class WanT2VStages(PipelineStages):
 
     def transformer_inputs(self, rows: Sequence[tuple[WanState, str]]) -> dict[str, Any]:
         """Keyword arguments of one expert call over ``rows`` (both experts share dtype and inputs)."""
-        dtype = self._experts()[0].dtype
+        dtype = self.experts()[0].dtype
         return {
             "hidden_states": torch.cat([self._model_input(s) for s, _ in rows]).to(dtype),
             "timestep": torch.stack([s.timesteps[s.step_index] for s, _ in rows]),

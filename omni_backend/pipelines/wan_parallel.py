@@ -64,7 +64,7 @@ class _KeyMaskProcessor(WanAttnProcessor):
 
     key_mask: torch.Tensor | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):  # noqa: ANN001, ANN204
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.key_mask if attention_mask is None else attention_mask
         return super().__call__(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
 
@@ -72,7 +72,7 @@ class _KeyMaskProcessor(WanAttnProcessor):
 class WanParallelSpec:
     @staticmethod
     def transformers(stages: PipelineStages) -> list[torch.nn.Module]:
-        return stages._experts()  # type: ignore[attr-defined]
+        return stages.experts()  # type: ignore[attr-defined]
 
     @staticmethod
     def expert(stages: PipelineStages, state: DenoiseState) -> int:
