@@ -8,6 +8,8 @@ the same scheduler steps, so only the transformer call is distributed:
   ``cfg`` rank runs its slice and an all-gather puts the rows back together before the family
   combines them. One request with true CFG: its two branches run on two ranks.
 - Ulysses / Ring / tensor parallel live inside the transformer (diffusers hooks, model_parallel.py).
+- Families with several experts (Wan2.2's high- and low-noise transformers): every rank holds all of
+  them, each parallelized the same way; a call groups the states by the expert of their step.
 - Pipeline parallel runs the slice's rows as micro-batches through the ``pp`` stages (pipeline.py).
 """
 
@@ -38,33 +40,46 @@ class ParallelDenoiser:
     """Drop-in for ``stages.denoise`` on a rank of a parallel group."""
 
     def __init__(self, stages: PipelineStages, spec: ParallelSpec, groups: ParallelGroups):
-        self.stages: RowStages = stages  # type: ignore[assignment]
+        self.stages = stages
+        self.rows: RowStages = stages  # type: ignore[assignment]
         self.spec = spec
         self.groups = groups
-        self.transformer = spec.transformer(stages)
-        apply_model_parallel(self.transformer, groups)
-        self.pipeline = PipelineStage(self.transformer, spec, groups) if groups.size("pp") > 1 else None
+        self.experts = spec.transformers(stages)
+        for transformer in self.experts:
+            spec.prepare_model_parallel(transformer, groups)
+            apply_model_parallel(transformer, groups)
+        # every expert's blocks split the same way: a rank holds the same slice of each
+        self.pipelines = [PipelineStage(t, spec, groups) for t in self.experts] if groups.size("pp") > 1 else None
 
     @torch.inference_mode()
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
+        """One transformer call per expert in use (every rank holds the same states, so picks the same)."""
         states = list(states)
-        rows = self.stages.denoise_rows(states)
+        preds: list[torch.Tensor | None] = [None] * len(states)
+        experts = [self.spec.expert(self.stages, s) for s in states]
+        for expert in sorted(set(experts)):
+            group = [i for i, e in enumerate(experts) if e == expert]
+            for i, pred in zip(group, self._expert_denoise(expert, [states[i] for i in group]), strict=True):
+                preds[i] = pred
+        return preds  # type: ignore[return-value]
+
+    def _expert_denoise(self, expert: int, states: list[DenoiseState]) -> list[torch.Tensor]:
+        rows = self.rows.denoise_rows(states)
         cfg_ranks = self.groups.size("cfg")
         mine = cfg_slice(rows, cfg_ranks, self.groups.local_rank("cfg"))
-        if self.pipeline is not None:
-            noise = self.pipeline.forward([self.stages.transformer_inputs([row]) for row in mine])
+        if self.pipelines is not None:
+            noise = self.pipelines[expert].forward([self.rows.transformer_inputs([row]) for row in mine])
         else:
-            noise = self._transformer(self.stages.transformer_inputs(mine))
+            noise = self._transformer(self.experts[expert], self.rows.transformer_inputs(mine))
         if cfg_ranks > 1:
             parts = [torch.empty_like(noise) for _ in range(cfg_ranks)]
             dist.all_gather(parts, noise.contiguous(), group=self.groups.group("cfg"))
             noise = torch.cat(parts)[: len(rows)]
-        return self.stages.combine_rows(states, noise)
+        return self.rows.combine_rows(states, noise)
 
-    def _transformer(self, inputs: dict) -> torch.Tensor:
+    def _transformer(self, transformer: torch.nn.Module, inputs: dict) -> torch.Tensor:
         ulysses, ring = self.groups.size("ulysses"), self.groups.size("ring")
         if ulysses * ring == 1:
-            return self.transformer(**inputs, return_dict=False)[0]
-        inputs, length = self.spec.pad_sequences(inputs, ulysses, ring, self.groups.local_rank("ulysses"))
-        return self.transformer(**inputs, return_dict=False)[0][:, :length]
-
+            return transformer(**inputs, return_dict=False)[0]
+        rank = self.groups.local_rank("ulysses")
+        return self.spec.sequence_parallel_forward(transformer, inputs, ulysses, ring, rank)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from omni_backend.distributed.groups import ParallelGroups
-from omni_backend.distributed.spec import ParallelSpec
+from omni_backend.distributed.spec import Carry, ParallelSpec
 
 
 def split_blocks(num_blocks: int, stages: int) -> list[range]:
@@ -28,6 +28,11 @@ def split_blocks(num_blocks: int, stages: int) -> list[range]:
         bounds.append(range(start, stop))
         start = stop
     return bounds
+
+
+def _sent(carry: Carry) -> list[torch.Tensor]:
+    """The activations a stage hands to the next: the streams the blocks change."""
+    return [carry.hidden] if carry.context is None else [carry.hidden, carry.context]
 
 
 class PipelineStage:
@@ -51,8 +56,7 @@ class PipelineStage:
         receives = []
         if self.prev is not None:  # post every receive now; wait for each only when it is needed
             for i, carry in enumerate(carries):
-                hidden = dist.irecv(carry.hidden, self.prev, tag=2 * i)
-                receives.append((hidden, dist.irecv(carry.context, self.prev, tag=2 * i + 1)))
+                receives.append([dist.irecv(x, self.prev, tag=2 * i + j) for j, x in enumerate(_sent(carry))])
         sends, outputs = [], []
         for i, carry in enumerate(carries):
             if receives:
@@ -61,18 +65,15 @@ class PipelineStage:
             for block in self.blocks:
                 self.spec.run_block(block, carry)
             if self.next is not None:
-                sends += [
-                    dist.isend(carry.hidden.contiguous(), self.next, tag=2 * i),
-                    dist.isend(carry.context.contiguous(), self.next, tag=2 * i + 1),
-                ]
+                sends += [dist.isend(x.contiguous(), self.next, tag=2 * i + j) for j, x in enumerate(_sent(carry))]
             else:
                 outputs.append(self.spec.head(self.transformer, carry))
         for handle in sends:
             handle.wait()
         if self.next is None:
             noise = torch.cat(outputs)
-        else:  # shape and dtype of the head's output: the latents' own
-            noise = torch.empty_like(torch.cat([inputs["hidden_states"] for inputs in micro_batches]))
+        else:
+            noise = torch.cat([self.spec.output_like(self.transformer, inputs) for inputs in micro_batches])
         # every rank steps its own copy of the request state, so every rank needs the prediction
         dist.broadcast(noise, self.last, group=self.groups.group("pp"))
         return noise

@@ -8,11 +8,14 @@ from typing import Any, Protocol
 
 import torch
 
+from omni_backend.distributed.groups import ParallelGroups
 from omni_backend.pipelines.base import DenoiseState, PipelineStages
 
 # family -> "module:Class"; the spec lives beside the family's pipeline file
 _SPECS: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux_parallel:FluxParallelSpec",
+    "wan22_t2v": "omni_backend.pipelines.wan_parallel:WanParallelSpec",
+    "wan22_i2v": "omni_backend.pipelines.wan_parallel:WanParallelSpec",
 }
 
 
@@ -20,13 +23,14 @@ _SPECS: dict[str, str] = {
 class Carry:
     """Activations between transformer blocks: what pipeline parallel sends to the next stage."""
 
-    hidden: torch.Tensor  # image stream [rows, S_img, inner]
-    context: torch.Tensor  # text stream [rows, S_txt, inner]
+    hidden: torch.Tensor  # image / video stream [rows, S_img, inner]
+    context: torch.Tensor | None  # text stream [rows, S_txt, inner]; None where blocks never change it
     extras: dict[str, Any] = field(default_factory=dict)  # recomputed on every rank (temb, rotary), never sent
 
 
 class RowStages(Protocol):
-    """The stage methods that lay one ``denoise`` call out as transformer rows (see pipelines/flux.py)."""
+    """The stage methods that lay one transformer call out as rows (see pipelines/flux.py); the states
+    passed are those of one expert (``ParallelSpec.expert``)."""
 
     def denoise_rows(self, states: list[DenoiseState]) -> list[Any]: ...
 
@@ -37,7 +41,12 @@ class RowStages(Protocol):
 
 class ParallelSpec(Protocol):
     @staticmethod
-    def transformer(stages: PipelineStages) -> torch.nn.Module: ...
+    def transformers(stages: PipelineStages) -> list[torch.nn.Module]:
+        """The experts every rank holds (one for most families); one transformer call uses one of them."""
+
+    @staticmethod
+    def expert(stages: PipelineStages, state: DenoiseState) -> int:
+        """Index into ``transformers`` of the expert that runs ``state``'s current step."""
 
     @staticmethod
     def num_heads(config: dict[str, Any]) -> int: ...
@@ -58,9 +67,18 @@ class ParallelSpec(Protocol):
     def head(transformer: torch.nn.Module, carry: Carry) -> torch.Tensor: ...
 
     @staticmethod
-    def pad_sequences(
-        inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
-    ) -> tuple[dict[str, Any], int]: ...
+    def output_like(transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """An empty tensor shaped like ``head``'s output for ``inputs`` (pipeline ranks before the last)."""
+
+    @staticmethod
+    def prepare_model_parallel(transformer: torch.nn.Module, groups: ParallelGroups) -> None:
+        """Family changes needed before diffusers shards the model (e.g. a ``_tp_plan`` it lacks)."""
+
+    @staticmethod
+    def sequence_parallel_forward(
+        transformer: torch.nn.Module, inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
+    ) -> torch.Tensor:
+        """The transformer's output under Ulysses / Ring, padding sequences the degree does not divide."""
 
 
 def resolve_spec(family: str) -> ParallelSpec:

@@ -91,7 +91,8 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
     try:
         spec = resolve_spec(setup.config.family)
         stages = load_stages(setup.config, setup.components, device)
-        validate_parallel(setup.config.parallel, spec, dict(spec.transformer(stages).config), device)
+        for transformer in spec.transformers(stages):
+            validate_parallel(setup.config.parallel, spec, dict(transformer.config), device)
         denoiser = ParallelDenoiser(stages, spec, build_groups(setup.config.parallel, device))
     except Exception as exc:
         if rank == 0:

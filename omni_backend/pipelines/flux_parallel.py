@@ -12,14 +12,19 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
+from omni_backend.distributed.groups import ParallelGroups
 from omni_backend.distributed.spec import Carry
-from omni_backend.pipelines.base import PipelineStages
+from omni_backend.pipelines.base import DenoiseState, PipelineStages
 
 
 class FluxParallelSpec:
     @staticmethod
-    def transformer(stages: PipelineStages) -> FluxTransformer2DModel:
-        return stages.pipe.transformer  # type: ignore[attr-defined]
+    def transformers(stages: PipelineStages) -> list[torch.nn.Module]:
+        return [stages.pipe.transformer]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def expert(stages: PipelineStages, state: DenoiseState) -> int:
+        return 0
 
     @staticmethod
     def num_heads(config: dict[str, Any]) -> int:
@@ -57,6 +62,21 @@ class FluxParallelSpec:
     @staticmethod
     def head(transformer: FluxTransformer2DModel, carry: Carry) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(carry.hidden, carry.extras["temb"]))
+
+    @staticmethod
+    def output_like(transformer: FluxTransformer2DModel, inputs: dict[str, Any]) -> torch.Tensor:
+        return torch.empty_like(inputs["hidden_states"])  # packed latents in, packed noise out
+
+    @staticmethod
+    def prepare_model_parallel(transformer: FluxTransformer2DModel, groups: ParallelGroups) -> None:
+        """Nothing: diffusers' FLUX.1 has its ``_tp_plan`` and ``_cp_plan``."""
+
+    @staticmethod
+    def sequence_parallel_forward(
+        transformer: FluxTransformer2DModel, inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
+    ) -> torch.Tensor:
+        inputs, length = FluxParallelSpec.pad_sequences(inputs, ulysses, ring, ulysses_rank)
+        return transformer(**inputs, return_dict=False)[0][:, :length]
 
     @staticmethod
     def pad_sequences(inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int) -> tuple[dict[str, Any], int]:

@@ -166,7 +166,7 @@ class WanT2VStages(PipelineStages):
     @torch.inference_mode()
     def prepare(self, request: DiffusionRequest, conditioning: Conditioning) -> WanState:
         params = request.params
-        dtype = self._experts()[0].dtype
+        dtype = self.experts()[0].dtype
         conditioning = {k: v.to(self.device, dtype) for k, v in conditioning.items()}
         # Same draw as WanPipeline(generator=torch.Generator("cpu").manual_seed(seed)); latents stay float32.
         generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -188,7 +188,8 @@ class WanT2VStages(PipelineStages):
             1, self.in_channels, params.height, params.width, params.num_frames, torch.float32, self.device, generator
         )
 
-    def _experts(self) -> list[torch.nn.Module]:
+    def experts(self) -> list[torch.nn.Module]:
+        """The loaded experts, high noise first: ``expert_index`` indexes this list (parallel specs too)."""
         return [m for m in (self.pipe.transformer, self.pipe.transformer_2) if m is not None]
 
     # ------------------------------------------------------------------ 3. denoise
@@ -197,38 +198,52 @@ class WanT2VStages(PipelineStages):
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
         wan_states: list[WanState] = list(states)  # type: ignore[arg-type]
         preds: list[torch.Tensor | None] = [None] * len(wan_states)
-        for high_noise in (True, False):
-            group = [i for i, s in enumerate(wan_states) if self._high_noise(s) is high_noise]
+        experts = self.experts()
+        for expert, model in enumerate(experts):
+            group = [i for i, s in enumerate(wan_states) if self.expert_index(s) == expert]
             if group:
-                for i, pred in zip(group, self._expert_step([wan_states[i] for i in group], high_noise), strict=True):
+                group_states = [wan_states[i] for i in group]
+                inputs = self.transformer_inputs(self.denoise_rows(group_states))
+                noise = model(**inputs, return_dict=False)[0]
+                for i, pred in zip(group, self.combine_rows(group_states, noise), strict=True):
                     preds[i] = pred
         return preds  # type: ignore[return-value]
 
-    def _high_noise(self, state: WanState) -> bool:
+    def expert_index(self, state: WanState) -> int:
+        """0: ``transformer`` (high noise, t >= boundary), 1: ``transformer_2``."""
         t = state.timesteps[state.step_index]
-        return self.boundary_timestep is None or bool(t >= self.boundary_timestep)
+        return 0 if self.boundary_timestep is None or bool(t >= self.boundary_timestep) else 1
 
-    def _expert_step(self, states: list[WanState], high_noise: bool) -> list[torch.Tensor]:
-        """One call of the expert for these states: conditional rows, then the CFG ones; CFG combined."""
-        model = self.pipe.transformer if high_noise else self.pipe.transformer_2
-        cfg = [s for s in states if s.do_cfg]
-        rows = [(s, "") for s in states] + [(s, "negative_") for s in cfg]
-        noise = model(
-            hidden_states=torch.cat([self._model_input(s) for s, _ in rows]).to(model.dtype),
-            timestep=torch.stack([s.timesteps[s.step_index] for s, _ in rows]),
-            encoder_hidden_states=torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows]),
-            return_dict=False,
-        )[0]
-        n = len(states)
-        preds = [noise[i : i + 1] for i in range(n)]
-        for j, state in enumerate(cfg):
-            i = states.index(state)
-            params = state.request.params
-            scale = params.guidance_scale
-            if not high_noise and params.guidance_scale_2 is not None:
-                scale = params.guidance_scale_2
-            uncond = noise[n + j : n + j + 1]
-            preds[i] = uncond + scale * (preds[i] - uncond)
+    # The three pieces of one expert's call, also driven by distributed/ to split the rows over ranks.
+
+    def denoise_rows(self, states: Sequence[DenoiseState]) -> list[tuple[WanState, str]]:
+        """Transformer batch rows: every request's conditional branch, then the CFG ones' negative branch."""
+        wan_states: list[WanState] = list(states)  # type: ignore[arg-type]
+        return [(s, "") for s in wan_states] + [(s, "negative_") for s in wan_states if s.do_cfg]
+
+    def transformer_inputs(self, rows: Sequence[tuple[WanState, str]]) -> dict[str, Any]:
+        """Keyword arguments of one expert call over ``rows`` (both experts share dtype and inputs)."""
+        dtype = self.experts()[0].dtype
+        return {
+            "hidden_states": torch.cat([self._model_input(s) for s, _ in rows]).to(dtype),
+            "timestep": torch.stack([s.timesteps[s.step_index] for s, _ in rows]),
+            "encoder_hidden_states": torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows]),
+        }
+
+    def combine_rows(self, states: Sequence[DenoiseState], noise: torch.Tensor) -> list[torch.Tensor]:
+        """One prediction per state; CFG with the scale of the expert the states' step belongs to."""
+        wan_states: list[WanState] = list(states)  # type: ignore[arg-type]
+        preds = [noise[i : i + 1] for i in range(len(wan_states))]
+        negative = len(wan_states)
+        for i, state in enumerate(wan_states):
+            if state.do_cfg:
+                params = state.request.params
+                scale = params.guidance_scale
+                if self.expert_index(state) == 1 and params.guidance_scale_2 is not None:
+                    scale = params.guidance_scale_2
+                uncond = noise[negative : negative + 1]
+                preds[i] = uncond + scale * (preds[i] - uncond)
+                negative += 1
         return preds
 
     def _model_input(self, state: WanState) -> torch.Tensor:

@@ -87,7 +87,8 @@ def _rank_main(
                 dist.barrier()
                 continue
             spec = resolve_spec(family)
-            validate_parallel(parallel, spec, dict(spec.transformer(stages).config), device)
+            for transformer in spec.transformers(stages):
+                validate_parallel(parallel, spec, dict(transformer.config), device)
             denoiser = ParallelDenoiser(stages, spec, build_groups(parallel, device))
             dist.barrier()
             result = denoise_loop(stages, denoiser.denoise, cases)

@@ -81,3 +81,31 @@ def test_even_sequences_pass_unchanged_and_uneven_ring_fails_naming_it():
     assert resolve_spec("flux").pad_sequences(inputs, ulysses=2, ring=2, ulysses_rank=0) == (inputs, 16)
     with pytest.raises(ValueError, match="^ring_degree 2: 8 text and 9 image tokens"):
         resolve_spec("flux").pad_sequences(_inputs(8, 9), ulysses=1, ring=2, ulysses_rank=0)
+
+
+# the tiny Wan2.2 checkpoints' experts: 2 heads, 2 blocks each
+TINY_WAN = {"num_attention_heads": 2, "num_layers": 2}
+
+
+@pytest.mark.parametrize("family", ["wan22_t2v", "wan22_i2v"])
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        (ParallelConfig(ulysses_degree=4), "ulysses_degree: 4 does not divide the 2 attention heads"),
+        (ParallelConfig(tensor_parallel_size=4), "tensor_parallel_size: 4 does not divide the 2 attention heads"),
+        (ParallelConfig(pipeline_parallel_size=3), "pipeline_parallel_size: 3 stages for 2 transformer blocks"),
+    ],
+)
+def test_bad_wan_layout_fails_naming_the_parameter(family, parallel, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        validate_parallel(parallel, resolve_spec(family), TINY_WAN, CPU)
+
+
+def test_wan_uneven_video_tokens_with_ring_fail_naming_it(tiny_wan22_t2v):
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(tiny_wan22_t2v, subfolder="transformer")
+    video = torch.zeros(1, 16, 1, 6, 6)  # 1 latent frame of 3 x 3 patches
+    inputs = {"hidden_states": video, "timestep": torch.tensor([999]), "encoder_hidden_states": torch.zeros(1, 8, 32)}
+    with pytest.raises(ValueError, match="^ring_degree 2: 9 video tokens must be a multiple of"):
+        resolve_spec("wan22_t2v").sequence_parallel_forward(transformer, inputs, ulysses=1, ring=2, ulysses_rank=0)
