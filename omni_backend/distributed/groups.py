@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +88,12 @@ def build_groups(parallel: ParallelConfig, device: torch.device) -> ParallelGrou
     return ParallelGroups(parallel, dist.get_rank(), device, mesh)
 
 
-def free_port() -> int:
-    """A free TCP port for the group's rendezvous (rank 0 binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous(directory: str) -> str:
+    """The ``init_method`` of one group: a file in ``directory``, a folder of its own.
+
+    A file, not a TCP port: a port picked free before rank 0 binds it can be handed to another
+    group (two models loading at once) or to any other process in between; a fresh file cannot."""
+    return "file://" + os.path.join(directory, "rendezvous")
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

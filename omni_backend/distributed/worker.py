@@ -19,6 +19,7 @@ import logging
 import multiprocessing as std_mp
 import os
 import queue
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,9 @@ from omni_backend.distributed.denoiser import ParallelDenoiser
 from omni_backend.distributed.groups import (
     build_groups,
     cpu_threads_per_rank,
-    free_port,
     init_process_group,
     rank_device,
+    rendezvous,
 )
 from omni_backend.distributed.spec import resolve_spec
 from omni_backend.distributed.validate import validate_parallel
@@ -60,7 +61,7 @@ class _RankSetup:
     components: Component
     output: RunnerOutput
     base_device: str  # the instance's device; rank r uses the r-th GPU from it, or the CPU
-    port: int
+    init_method: str  # the group's rendezvous (groups.rendezvous)
     name: str  # the Triton model's name (profile trace file names)
 
 
@@ -87,7 +88,7 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
     device = rank_device(torch.device(setup.base_device), rank)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_rank(world))
-    init_process_group(rank, world, device, f"tcp://127.0.0.1:{setup.port}", COLLECTIVE_TIMEOUT_S)
+    init_process_group(rank, world, device, setup.init_method, COLLECTIVE_TIMEOUT_S)
     try:
         spec = resolve_spec(setup.config.family)
         stages = load_stages(setup.config, setup.components, device)
@@ -143,7 +144,8 @@ class ParallelRunner:
 
     def _start(self) -> None:
         config, components, output, device, name = self._setup
-        setup = _RankSetup(config, components, output, device, free_port(), name)
+        self._rendezvous_dir = tempfile.TemporaryDirectory(prefix="omni-group-")
+        setup = _RankSetup(config, components, output, device, rendezvous(self._rendezvous_dir.name), name)
         world = config.parallel.world_size
         ctx = mp.get_context("spawn")
         self._commands = [ctx.Queue() for _ in range(world)]
@@ -230,6 +232,7 @@ class ParallelRunner:
                 proc.kill()
                 proc.join()
         self._procs = []
+        self._rendezvous_dir.cleanup()
 
 
 def make_runner(

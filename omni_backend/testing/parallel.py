@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 
 from omni_backend.config import ParallelConfig
 from omni_backend.distributed.denoiser import ParallelDenoiser
-from omni_backend.distributed.groups import build_groups, free_port, init_process_group
+from omni_backend.distributed.groups import build_groups, init_process_group, rendezvous
 from omni_backend.distributed.spec import resolve_spec
 from omni_backend.distributed.validate import validate_parallel
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages
@@ -65,7 +66,7 @@ def _put(results: mp.Queue, result: LoopResult) -> None:
 def _rank_main(
     rank: int,
     world: int,
-    port: int,
+    init_method: str,
     family: str,
     checkpoint: str,
     jobs: list[tuple[ParallelConfig | None, Cases]],
@@ -76,7 +77,7 @@ def _rank_main(
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    init_process_group(rank, world, device, f"tcp://127.0.0.1:{port}", timeout_s=900)
+    init_process_group(rank, world, device, init_method, timeout_s=900)
     try:
         for parallel, cases in jobs:
             stages = load_transformer_stage(family, checkpoint)
@@ -112,14 +113,15 @@ def run_parallel(
     world = worlds.pop()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    args = (world, free_port(), family, checkpoint, jobs, results, pin_cores)
-    procs = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
-    collected: list[LoopResult] = []
-    while len(collected) < len(jobs):
-        try:
-            seconds, latents = results.get(timeout=1.0)
-            collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))
-        except queue.Empty:
-            procs.join(timeout=0)  # raises ProcessRaisedException with the rank's traceback if one died
-    procs.join()
+    with tempfile.TemporaryDirectory(prefix="omni-group-") as directory:
+        args = (world, rendezvous(directory), family, checkpoint, jobs, results, pin_cores)
+        procs = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
+        collected: list[LoopResult] = []
+        while len(collected) < len(jobs):
+            try:
+                seconds, latents = results.get(timeout=1.0)
+                collected.append(LoopResult([torch.from_numpy(x) for x in latents], seconds))
+            except queue.Empty:
+                procs.join(timeout=0)  # raises ProcessRaisedException with the rank's traceback if one died
+        procs.join()
     return collected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,52 @@ def add_parameters(repository: Path, model: str, extra: str) -> None:
     path = repository / model / "config.pbtxt"
     text = path.read_text()
     path.write_text(text.replace("parameters [\n", "parameters [\n" + extra, 1))
+
+
+_FAMILY_SUFFIXES = ("", "_ensemble", "_stream", "_text_encoder", "_transformer", "_vae")
+
+
+def family_models(family: str) -> tuple[str, ...]:
+    """The family's models in model_repository/: one model, ensemble, stream (if any) and stages."""
+    return tuple(family + s for s in _FAMILY_SUFFIXES if (REPOSITORY / (family + s) / "config.pbtxt").exists())
+
+
+def family_server(family: str, checkpoint_fixture: str) -> Callable[..., Iterator[TritonServerProcess]]:
+    """A module-scoped fixture: a tritonserver serving only ``family``'s models, on the tiny
+    checkpoint that ``checkpoint_fixture`` builds under the served name."""
+
+    @pytest.fixture(scope="module")
+    def fixture(request, model_root: Path, tmp_path_factory: pytest.TempPathFactory):
+        request.getfixturevalue(checkpoint_fixture)
+        repository = repository_of(tmp_path_factory.mktemp(f"{family}-repo"), family_models(family))
+        with serving(repository, model_root) as process:
+            yield process
+
+    return fixture
+
+
+def protocol_client(server_fixture: str) -> Callable[..., Iterator[RawClient]]:
+    """A fixture: a RawClient of the server ``server_fixture`` gives, once per protocol."""
+
+    @pytest.fixture(params=PROTOCOLS)
+    def fixture(request):
+        raw = RawClient(request.getfixturevalue(server_fixture), request.param)
+        yield raw
+        raw.close()
+
+    return fixture
+
+
+def image_params(prompt: str, seed: int, steps: int = 3, **extra) -> dict:
+    """The wire values of a small image request (64x96: two patch multiples, not square)."""
+    values = {
+        "prompt": prompt,
+        "height": np.int32(64),
+        "width": np.int32(96),
+        "num_inference_steps": np.int32(steps),
+        "seed": np.int64(seed),
+    }
+    return {**values, **extra}
 
 
 @contextlib.contextmanager

@@ -10,37 +10,15 @@ from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient, StepUpdate
-from tests.e2e.conftest import PROTOCOLS, RawClient, infer_concurrently, repository_of, serving
+from tests.e2e.conftest import PROTOCOLS, family_server, image_params, infer_concurrently, protocol_client
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("longcat_image", "longcat_image_ensemble")
-STAGES = ("longcat_image_text_encoder", "longcat_image_transformer", "longcat_image_vae", "longcat_image_stream")
-
-
-@pytest.fixture(scope="module")
-def longcat_server(tiny_longcat_image, model_root, tmp_path_factory):
-    with serving(repository_of(tmp_path_factory.mktemp("longcat-repo"), MODELS + STAGES), model_root) as process:
-        yield process
-
-
-@pytest.fixture(params=PROTOCOLS)
-def client(request, longcat_server):
-    raw = RawClient(longcat_server, request.param)
-    yield raw
-    raw.close()
-
-
-def params(prompt: str, seed: int, steps: int = 3, **extra) -> dict:
-    values = {
-        "prompt": prompt,
-        "height": np.int32(64),
-        "width": np.int32(96),
-        "num_inference_steps": np.int32(steps),
-        "seed": np.int64(seed),
-    }
-    return {**values, **extra}
+longcat_server = family_server("longcat_image", "tiny_longcat_image")
+client = protocol_client("longcat_server")
+params = image_params
 
 
 def reference(render, values: dict) -> np.ndarray:

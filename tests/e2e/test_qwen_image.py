@@ -8,37 +8,15 @@ from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient, StepUpdate
-from tests.e2e.conftest import PROTOCOLS, RawClient, infer_concurrently, repository_of, serving
+from tests.e2e.conftest import PROTOCOLS, family_server, image_params, infer_concurrently, protocol_client
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("qwen_image", "qwen_image_ensemble")
-STAGES = ("qwen_image_text_encoder", "qwen_image_transformer", "qwen_image_vae", "qwen_image_stream")
-
-
-@pytest.fixture(scope="module")
-def qwen_server(tiny_qwen_image, model_root, tmp_path_factory):
-    with serving(repository_of(tmp_path_factory.mktemp("qwen-repo"), MODELS + STAGES), model_root) as process:
-        yield process
-
-
-@pytest.fixture(params=PROTOCOLS)
-def client(request, qwen_server):
-    raw = RawClient(qwen_server, request.param)
-    yield raw
-    raw.close()
-
-
-def params(prompt: str, seed: int, steps: int = 3, **extra) -> dict:
-    values = {
-        "prompt": prompt,
-        "height": np.int32(64),
-        "width": np.int32(96),
-        "num_inference_steps": np.int32(steps),
-        "seed": np.int64(seed),
-    }
-    return {**values, **extra}
+qwen_server = family_server("qwen_image", "tiny_qwen_image")
+client = protocol_client("qwen_server")
+params = image_params
 
 
 def reference(render, values: dict) -> np.ndarray:

@@ -13,34 +13,19 @@ from tritonclient.utils import InferenceServerException
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient
 from omni_client.cli import main as omni_client_main
-from tests.e2e.conftest import PROTOCOLS, RawClient, repository_of, serving
+from tests.e2e.conftest import PROTOCOLS, RawClient, family_server, protocol_client
 from tests.e2e.test_bad_input import status_is_invalid_arg
 from tests.test_parity_qwen_image_edit import input_image
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("qwen_image_edit", "qwen_image_edit_ensemble")
-STAGES = (
-    "qwen_image_edit_text_encoder",
-    "qwen_image_edit_transformer",
-    "qwen_image_edit_vae",
-    "qwen_image_edit_stream",
-)
 # instruction, seed, input image (height, width, seed): both images resize to 896x1184, one batching key
 EDITS = [("make the disc red", 11, (48, 64, 0)), ("a night scene, 夜", 12, (96, 128, 1))]
 
 
-@pytest.fixture(scope="module")
-def edit_server(tiny_qwen_image_edit, model_root, tmp_path_factory):
-    with serving(repository_of(tmp_path_factory.mktemp("qwen-edit-repo"), MODELS + STAGES), model_root) as process:
-        yield process
-
-
-@pytest.fixture(params=PROTOCOLS)
-def client(request, edit_server):
-    raw = RawClient(edit_server, request.param)
-    yield raw
-    raw.close()
+edit_server = family_server("qwen_image_edit", "tiny_qwen_image_edit")
+client = protocol_client("edit_server")
 
 
 def params(i: int, **extra) -> dict:

@@ -16,14 +16,22 @@ from tritonclient.utils import InferenceServerException
 from omni_backend.testing.compare import assert_same_image
 from omni_client import OmniClient
 from omni_client.cli import main as omni_client_main
-from tests.e2e.conftest import PROTOCOLS, REPOSITORY, RawClient, add_parameters, repository_of, serving
+from tests.e2e.conftest import (
+    PROTOCOLS,
+    REPOSITORY,
+    RawClient,
+    add_parameters,
+    family_models,
+    protocol_client,
+    repository_of,
+    serving,
+)
 from tests.e2e.test_bad_input import status_is_invalid_arg
 from tests.test_parity_qwen_image_edit import input_image
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("wan22_i2v", "wan22_i2v_ensemble")
-STAGES = ("wan22_i2v_text_encoder", "wan22_i2v_transformer", "wan22_i2v_vae")
 CONTROLLED = ("wan22_i2v", "wan22_i2v_transformer")  # the models with the `control` input (README "Control")
 # prompt, seed, input image (height, width, seed): sizes differ, both are resized to 32x48 (one batching key)
 VIDEOS = [("a red circle rolls away", 21, (48, 64, 0)), ("a green square, 猫", 22, (40, 30, 1))]
@@ -31,7 +39,7 @@ VIDEOS = [("a red circle rolls away", 21, (48, 64, 0)), ("a green square, 猫", 
 
 @pytest.fixture(scope="module")
 def i2v_server(tiny_wan22_i2v, model_root, tmp_path_factory):
-    repository = repository_of(tmp_path_factory.mktemp("wan-i2v-repo"), MODELS + STAGES)
+    repository = repository_of(tmp_path_factory.mktemp("wan-i2v-repo"), family_models("wan22_i2v"))
     traces = tmp_path_factory.mktemp("wan-i2v-traces")
     entries = {"enable_control": "true", "profile_dir": str(traces)}
     extra = "".join(f'  {{ key: "{k}", value: {{ string_value: "{v}" }} }},\n' for k, v in entries.items())
@@ -44,11 +52,7 @@ def i2v_server(tiny_wan22_i2v, model_root, tmp_path_factory):
         yield process
 
 
-@pytest.fixture(params=PROTOCOLS)
-def client(request, i2v_server):
-    raw = RawClient(i2v_server, request.param)
-    yield raw
-    raw.close()
+client = protocol_client("i2v_server")
 
 
 def params(i: int, **extra) -> dict:

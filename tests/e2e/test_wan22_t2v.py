@@ -7,26 +7,14 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from omni_backend.testing.compare import assert_same_image
-from tests.e2e.conftest import PROTOCOLS, RawClient, repository_of, serving
+from tests.e2e.conftest import family_server, protocol_client
 from tests.e2e.test_bad_input import status_is_invalid_arg
 
 pytestmark = pytest.mark.slow
 
 MODELS = ("wan22_t2v", "wan22_t2v_ensemble")
-STAGES = ("wan22_t2v_text_encoder", "wan22_t2v_transformer", "wan22_t2v_vae")
-
-
-@pytest.fixture(scope="module")
-def wan_server(tiny_wan22_t2v, model_root, tmp_path_factory):
-    with serving(repository_of(tmp_path_factory.mktemp("wan-repo"), MODELS + STAGES), model_root) as process:
-        yield process
-
-
-@pytest.fixture(params=PROTOCOLS)
-def client(request, wan_server):
-    raw = RawClient(wan_server, request.param)
-    yield raw
-    raw.close()
+wan_server = family_server("wan22_t2v", "tiny_wan22_t2v")
+client = protocol_client("wan_server")
 
 
 def params(prompt: str, seed: int, **extra) -> dict:
