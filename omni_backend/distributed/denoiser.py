@@ -42,6 +42,7 @@ class ParallelDenoiser:
         self.spec = spec
         self.groups = groups
         self.transformer = spec.transformer(stages)
+        spec.prepare(self.transformer, groups.parallel)
         apply_model_parallel(self.transformer, groups)
         self.pipeline = PipelineStage(self.transformer, spec, groups) if groups.size("pp") > 1 else None
 

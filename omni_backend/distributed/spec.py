@@ -8,11 +8,13 @@ from typing import Any, Protocol
 
 import torch
 
+from omni_backend.config import ParallelConfig
 from omni_backend.pipelines.base import DenoiseState, PipelineStages
 
 # family -> "module:Class"; the spec lives beside the family's pipeline file
 _SPECS: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux_parallel:FluxParallelSpec",
+    "longcat_image": "omni_backend.pipelines.longcat_image_parallel:LongCatImageParallelSpec",
 }
 
 
@@ -38,6 +40,11 @@ class RowStages(Protocol):
 class ParallelSpec(Protocol):
     @staticmethod
     def transformer(stages: PipelineStages) -> torch.nn.Module: ...
+
+    @staticmethod
+    def prepare(transformer: torch.nn.Module, parallel: ParallelConfig) -> None:
+        """Before diffusers' ``enable_parallelism``: what the model class lacks for it (plans, per-rank head counts)."""
+        ...
 
     @staticmethod
     def num_heads(config: dict[str, Any]) -> int: ...

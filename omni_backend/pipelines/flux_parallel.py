@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
+from omni_backend.config import ParallelConfig
 from omni_backend.distributed.spec import Carry
 from omni_backend.pipelines.base import PipelineStages
 
@@ -20,6 +21,11 @@ class FluxParallelSpec:
     @staticmethod
     def transformer(stages: PipelineStages) -> FluxTransformer2DModel:
         return stages.pipe.transformer  # type: ignore[attr-defined]
+
+    @staticmethod
+    def prepare(transformer: FluxTransformer2DModel, parallel: ParallelConfig) -> None:
+        """Nothing: diffusers' FLUX declares its ``_cp_plan`` and ``_tp_plan`` and its processor reads the heads
+        from the sharded projections."""
 
     @staticmethod
     def num_heads(config: dict[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -81,3 +83,35 @@ def test_even_sequences_pass_unchanged_and_uneven_ring_fails_naming_it():
     assert resolve_spec("flux").pad_sequences(inputs, ulysses=2, ring=2, ulysses_rank=0) == (inputs, 16)
     with pytest.raises(ValueError, match="^ring_degree 2: 8 text and 9 image tokens"):
         resolve_spec("flux").pad_sequences(_inputs(8, 9), ulysses=1, ring=2, ulysses_rank=0)
+
+
+# family -> its tiny checkpoint's fixture; heads and blocks are read from the checkpoint's transformer config
+IMAGE_FAMILIES = {"longcat_image": "tiny_longcat_image"}
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_bad_degree_fails_naming_the_parameter_for_each_family(family, request):
+    checkpoint = request.getfixturevalue(IMAGE_FAMILIES[family])
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    spec = resolve_spec(family)
+    heads, blocks = spec.num_heads(config), spec.num_blocks(config)
+    assert heads == 2, "the cases below are written for the tiny checkpoints' 2 heads"
+    bad = {
+        "ulysses_degree": ParallelConfig(ulysses_degree=4),
+        "tensor_parallel_size": ParallelConfig(tensor_parallel_size=3),
+        "pipeline_parallel_size": ParallelConfig(pipeline_parallel_size=blocks + 1),
+    }
+    for name, parallel in bad.items():
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            validate_parallel(parallel, spec, config, CPU)
+    validate_parallel(ParallelConfig(cfg_parallel_size=2, ulysses_degree=2), spec, config, CPU)
+
+
+def test_longcat_uneven_sequences_fail_naming_the_degree():
+    spec = resolve_spec("longcat_image")
+    inputs = _inputs(8, 16)
+    assert spec.pad_sequences(inputs, ulysses=2, ring=1, ulysses_rank=0) == (inputs, 16)
+    with pytest.raises(ValueError, match="^ulysses_degree 2: 8 text and 9 image tokens must be multiples of"):
+        spec.pad_sequences(_inputs(8, 9), ulysses=2, ring=1, ulysses_rank=1)
+    with pytest.raises(ValueError, match="^ring_degree 2: 8 text and 9 image tokens"):
+        spec.pad_sequences(_inputs(8, 9), ulysses=2, ring=2, ulysses_rank=1)
