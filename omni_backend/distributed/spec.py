@@ -15,6 +15,8 @@ from omni_backend.pipelines.base import DenoiseState, PipelineStages
 _SPECS: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux_parallel:FluxParallelSpec",
     "longcat_image": "omni_backend.pipelines.longcat_image_parallel:LongCatImageParallelSpec",
+    "qwen_image": "omni_backend.pipelines.qwen_image_parallel:QwenImageParallelSpec",
+    "qwen_image_edit": "omni_backend.pipelines.qwen_image_parallel:QwenImageParallelSpec",
 }
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from omni_backend.config import ParallelConfig
 from omni_backend.pipelines.base import Component, PipelineStages
@@ -38,45 +38,89 @@ LAYOUTS_4 = {
 }
 
 
+RING = {name for name, layout in (LAYOUTS_2 | LAYOUTS_4).items() if layout.ring_degree > 1}
+
+
 @dataclass(frozen=True)
 class Case:
     prompt: str
     seed: int
     negative_prompt: str | None
-    guidance_scale: float  # LongCat's CFG scale; the guidance embedding's elsewhere
-    true_cfg_scale: float
+    cfg_scale: float  # the family's CFG knob: LongCat's guidance_scale, Qwen's true_cfg_scale
     steps: int
+    image: np.ndarray | None = None  # the edit's input image
 
 
 @dataclass(frozen=True)
 class Family:
     cases: tuple[Case, ...]
-    height: int
-    width: int
+    # the cases of the ring layouts: ring attention cannot mask padded text (qwen_image_parallel.py),
+    # so there every row's text has one length, a multiple of 4
+    ring_cases: tuple[Case, ...]
+    cfg_knob: str  # the request parameter (and pipeline argument) cfg_scale sets
+    height: int = 64
+    width: int = 96  # 4 x 6 image tokens: multiples of 2 and 4
 
     def request(self, i: int, case: Case) -> DiffusionRequest:
+        cfg = {"guidance_scale": 1.0, "true_cfg_scale": 1.0, self.cfg_knob: case.cfg_scale}
         params = SamplingParams(
-            self.height, self.width, case.steps, case.guidance_scale, case.true_cfg_scale, case.seed
+            self.height, self.width, case.steps, cfg["guidance_scale"], cfg["true_cfg_scale"], case.seed
         )
-        return DiffusionRequest(str(i), params, prompt=case.prompt, negative_prompt=case.negative_prompt)
+        request = DiffusionRequest(str(i), params, prompt=case.prompt, negative_prompt=case.negative_prompt)
+        request.input_image = case.image
+        return request
 
-    def reference_kwargs(self, case: Case) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "negative_prompt": case.negative_prompt, "height": self.height, "width": self.width,
-            "num_inference_steps": case.steps, "guidance_scale": case.guidance_scale,
-        }  # fmt: skip
-        return kwargs
+    def reference(self, render: Callable[..., np.ndarray], case: Case) -> np.ndarray:
+        image = {} if case.image is None else {"image": Image.fromarray(case.image)}
+        return render(
+            case.prompt, case.seed, negative_prompt=case.negative_prompt, height=self.height, width=self.width,
+            num_inference_steps=case.steps, **{self.cfg_knob: case.cfg_scale}, **image,
+        )  # fmt: skip
+
+
+def _picture(seed: int) -> np.ndarray:
+    """A smooth 48x64 input image (a gradient and a disc of a seeded color)."""
+    y, x = np.mgrid[0:48, 0:64]
+    image = np.stack([x * 4, y * 5, (x + y) % 256], axis=-1)
+    image[(y - 24) ** 2 + (x - 21) ** 2 < 144] = np.random.default_rng(seed).integers(0, 256, 3)
+    return image.astype(np.uint8)
 
 
 FAMILIES = {
-    # 512 text tokens (the pipeline pads every prompt), 4 x 6 image tokens: multiples of 2 and 4
+    # every prompt is padded to 512 tokens by the pipeline: the ring layouts run the same cases
     "longcat_image": Family(
         cases=(
-            Case("a green square", 2, "blurry", 4.5, 1.0, 3),  # classic CFG with renorm: two rows
-            Case("a red circle on a blue background", 1, None, 1.0, 1.0, 2),  # no CFG
+            Case("a green square", 2, "blurry", 4.5, 3),  # classic CFG with renorm: two rows
+            Case("a red circle on a blue background", 1, None, 1.0, 2),  # no CFG
         ),
-        height=64,
-        width=96,
+        ring_cases=(),
+        cfg_knob="guidance_scale",
+    ),
+    # text of 7, 7 and 17 tokens: padded to 17 and masked in the call, then padded for the sequence degree
+    # (and once the second request is done, 7 and 7: unmasked in the call, padded and masked for the degree)
+    "qwen_image": Family(
+        cases=(
+            Case("a cat", 2, "dark", 4.0, 3),
+            Case("blurry, low quality", 1, None, 1.0, 2),
+        ),
+        ring_cases=(
+            Case("a green square", 2, "a yellow triangle", 4.0, 3),  # 8 and 8 tokens
+            Case("a blue circle", 1, None, 1.0, 2),  # 8 tokens
+        ),
+        cfg_knob="true_cfg_scale",
+    ),
+    # 24 noisy + 56 x 74 input-image tokens (resized to about 1024x1024); text (vision tokens included) of
+    # 28, 21 and 31 tokens
+    "qwen_image_edit": Family(
+        cases=(
+            Case("make the disc red", 2, "dark", 4.0, 3, _picture(0)),
+            Case("turn it into a night scene", 1, None, 1.0, 2, _picture(1)),
+        ),
+        ring_cases=(
+            Case("make it blue", 2, "blurry", 4.0, 3, _picture(0)),  # 24 and 24 tokens
+            Case("make it night", 1, None, 1.0, 2, _picture(1)),  # 24 tokens
+        ),
+        cfg_knob="true_cfg_scale",
     ),
 }
 
@@ -89,23 +133,34 @@ def _load(family: str, checkpoint: str) -> PipelineStages:
 @dataclass
 class Runs:
     stages: PipelineStages
-    references: list[np.ndarray]  # the diffusers pipeline's image of each case
-    single: list[torch.Tensor]  # single-process final latents of each case
-    parallel: dict[str, list[torch.Tensor]]  # layout -> final latents of each case
+    references: dict[str, list[np.ndarray]]  # layout -> the diffusers pipeline's image of each of its cases
+    single: dict[str, list[torch.Tensor]]  # layout -> single-process final latents of each of its cases
+    parallel: dict[str, list[torch.Tensor]]  # layout -> final latents of each of its cases
 
 
 def _runs(family: str, checkpoint: str, render: Callable[..., np.ndarray]) -> Runs:
     spec = FAMILIES[family]
     stages = _load(family, checkpoint)
-    requests = [spec.request(i, case) for i, case in enumerate(spec.cases)]
-    cases = list(zip(requests, stages.encode(requests), strict=True))
-    single = denoise_loop(stages, stages.denoise, cases).latents
+    case_sets = {"": spec.cases, "ring": spec.ring_cases or spec.cases}
+    encoded, singles, references = {}, {}, {}
+    for key, cases in case_sets.items():
+        requests = [spec.request(i, case) for i, case in enumerate(cases)]
+        encoded[key] = list(zip(requests, stages.encode(requests), strict=True))
+        singles[key] = denoise_loop(stages, stages.denoise, encoded[key]).latents
+        references[key] = [spec.reference(render, case) for case in cases]
+    layouts = [*LAYOUTS_2, *LAYOUTS_4]
+    keys = {name: "ring" if name in RING else "" for name in layouts}
     parallel = {}
-    for layouts in (LAYOUTS_2, LAYOUTS_4):
-        results = run_parallel(family, checkpoint, [(layout, cases) for layout in layouts.values()])
-        parallel.update({name: result.latents for name, result in zip(layouts, results, strict=True)})
-    references = [render(c.prompt, c.seed, **spec.reference_kwargs(c)) for c in spec.cases]
-    return Runs(stages, references, single, parallel)
+    for group in (LAYOUTS_2, LAYOUTS_4):
+        jobs = [(layout, encoded[keys[name]]) for name, layout in group.items()]
+        results = run_parallel(family, checkpoint, jobs)
+        parallel.update({name: result.latents for name, result in zip(group, results, strict=True)})
+    return Runs(
+        stages,
+        {name: references[key] for name, key in keys.items()},
+        {name: singles[key] for name, key in keys.items()},
+        parallel,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +168,34 @@ def longcat_runs(tiny_longcat_image, longcat_image_reference) -> Runs:
     return _runs("longcat_image", str(tiny_longcat_image), longcat_image_reference)
 
 
+@pytest.fixture(scope="module")
+def qwen_runs(tiny_qwen_image, qwen_image_reference) -> Runs:
+    return _runs("qwen_image", str(tiny_qwen_image), qwen_image_reference)
+
+
+@pytest.fixture(scope="module")
+def qwen_edit_runs(tiny_qwen_image_edit, qwen_image_edit_reference) -> Runs:
+    return _runs("qwen_image_edit", str(tiny_qwen_image_edit), qwen_image_edit_reference)
+
+
 def _check(runs: Runs, layout: str) -> None:
     got = runs.parallel[layout]
-    for i, (expected, actual) in enumerate(zip(runs.single, got, strict=True)):
+    for i, (expected, actual) in enumerate(zip(runs.single[layout], got, strict=True)):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4, msg=f"request {i} under {layout}")
-    for image, reference in zip(runs.stages.decode(got), runs.references, strict=True):
+    for image, reference in zip(runs.stages.decode(got), runs.references[layout], strict=True):
         assert_same_image(image, reference)
 
 
 @pytest.mark.parametrize("layout", [*LAYOUTS_2, *LAYOUTS_4])
 def test_longcat_image_layout_matches_single_process(layout, longcat_runs):
     _check(longcat_runs, layout)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS_2, *LAYOUTS_4])
+def test_qwen_image_layout_matches_single_process(layout, qwen_runs):
+    _check(qwen_runs, layout)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS_2, *LAYOUTS_4])
+def test_qwen_image_edit_layout_matches_single_process(layout, qwen_edit_runs):
+    _check(qwen_edit_runs, layout)

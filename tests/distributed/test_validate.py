@@ -86,7 +86,11 @@ def test_even_sequences_pass_unchanged_and_uneven_ring_fails_naming_it():
 
 
 # family -> its tiny checkpoint's fixture; heads and blocks are read from the checkpoint's transformer config
-IMAGE_FAMILIES = {"longcat_image": "tiny_longcat_image"}
+IMAGE_FAMILIES = {
+    "longcat_image": "tiny_longcat_image",
+    "qwen_image": "tiny_qwen_image",
+    "qwen_image_edit": "tiny_qwen_image_edit",
+}
 
 
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
@@ -115,3 +119,28 @@ def test_longcat_uneven_sequences_fail_naming_the_degree():
         spec.pad_sequences(_inputs(8, 9), ulysses=2, ring=1, ulysses_rank=1)
     with pytest.raises(ValueError, match="^ring_degree 2: 8 text and 9 image tokens"):
         spec.pad_sequences(_inputs(8, 9), ulysses=2, ring=2, ulysses_rank=1)
+
+
+def _qwen_inputs(text: int, image: int, mask: list[int] | None = None) -> dict:
+    lengths = torch.tensor(mask) if mask is not None else None
+    return {
+        "encoder_hidden_states": torch.ones(len(mask or [0]), text, 8), "hidden_states": torch.ones(1, image, 64),
+        "encoder_hidden_states_mask": None if lengths is None else (torch.arange(text) < lengths[:, None]).long(),
+    }  # fmt: skip
+
+
+def test_qwen_text_is_padded_and_masked_and_bad_lengths_fail_naming_the_degree():
+    spec = resolve_spec("qwen_image")
+    padded, length = spec.pad_sequences(_qwen_inputs(7, 8), ulysses=2, ring=1, ulysses_rank=0)
+    assert length == 8 and padded["encoder_hidden_states"].shape == (1, 8, 8)
+    assert padded["encoder_hidden_states_mask"].tolist() == [[1] * 7 + [0]]
+    padded, _ = spec.pad_sequences(_qwen_inputs(7, 8, mask=[7, 5]), ulysses=2, ring=1, ulysses_rank=1)
+    assert padded["encoder_hidden_states_mask"].tolist() == [[1] * 7 + [0], [1] * 5 + [0] * 3]
+    inputs = _qwen_inputs(8, 8)
+    assert spec.pad_sequences(inputs, ulysses=2, ring=2, ulysses_rank=0) == (inputs, 8)
+    with pytest.raises(ValueError, match="^ulysses_degree 2: 9 image tokens must be a multiple of"):
+        spec.pad_sequences(_qwen_inputs(8, 9), ulysses=2, ring=1, ulysses_rank=0)
+    with pytest.raises(ValueError, match=r"^ring_degree 2: the rows' text lengths \[7\] must be one length"):
+        spec.pad_sequences(_qwen_inputs(7, 8), ulysses=1, ring=2, ulysses_rank=0)
+    with pytest.raises(ValueError, match=r"^ring_degree 2: the rows' text lengths \[6, 8\]"):
+        spec.pad_sequences(_qwen_inputs(8, 8, mask=[8, 6]), ulysses=1, ring=2, ulysses_rank=0)
