@@ -8,9 +8,9 @@ FLUX's module names, FLUX's rotary over ``cat(txt_ids, img_ids)`` and FLUX's hea
   FLUX's names and its Linears have FLUX's names, so FLUX's plans are LongCat's (``prepare``);
 - its attention processor splits the projections by ``attn.heads`` (FLUX's by ``head_dim``), so under
   tensor parallel each attention module is told the heads of its own shard;
-- its forward takes no attention kwargs, so padded keys cannot be masked: with sequence parallel the
-  text (512 tokens) and image tokens must be multiples of the degree (at 16 pixels a token side, e.g.
-  any size multiple of 32 for a degree of 2 or 4; else the request fails naming the degree).
+- its forward takes no attention kwargs, which FLUX's padding for sequence parallel passes (the
+  padded keys' mask, ``FluxParallelSpec.pad_sequences``), though its blocks hand them to attention:
+  ``prepare`` routes them from the forward call to the attention modules with two forward pre-hooks.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from omni_backend.pipelines.flux_parallel import FluxParallelSpec
 
 
 class LongCatImageParallelSpec(FluxParallelSpec):
-    """FLUX's blocks, head, heads and block counts; LongCat's embeddings, plans and padding rule."""
+    """FLUX's blocks, head, heads, block counts and sequence padding; LongCat's embeddings."""
 
     @staticmethod
     def prepare(transformer: LongCatImageTransformer2DModel, parallel: ParallelConfig) -> None:
         transformer._cp_plan = FluxTransformer2DModel._cp_plan
         transformer._tp_plan = FluxTransformer2DModel._tp_plan
+        if parallel.ulysses_degree * parallel.ring_degree > 1:
+            _route_attention_kwargs(transformer)
         for module in transformer.modules():
             if isinstance(module, LongCatImageSingleTransformerBlock):
                 # proj_out reads cat([attention, MLP]): two column-sharded streams (FLUX sets this in __init__)
@@ -52,15 +54,24 @@ class LongCatImageParallelSpec(FluxParallelSpec):
         rotary = transformer.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"]), dim=0))
         return Carry(hidden=hidden, context=context, extras={"temb": temb, "image_rotary_emb": rotary})
 
-    @staticmethod
-    def pad_sequences(inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int) -> tuple[dict[str, Any], int]:
-        """Unchanged inputs when the degree divides both sequences; else a ValueError naming the degree."""
-        degree = ulysses * ring
-        text, image = inputs["encoder_hidden_states"].shape[1], inputs["hidden_states"].shape[1]
-        if text % degree or image % degree:
-            name = "ring_degree" if ring > 1 else "ulysses_degree"
-            raise ValueError(
-                f"{name} {ring if ring > 1 else ulysses}: {text} text and {image} image tokens must be multiples of "
-                f"ulysses_degree x ring_degree = {degree} (LongCat-Image's transformer cannot mask padding)"
-            )
-        return inputs, image
+
+def _route_attention_kwargs(transformer: LongCatImageTransformer2DModel) -> None:
+    """Let the forward call take ``joint_attention_kwargs`` and give them to every attention module.
+
+    The first hook runs before diffusers' context-parallel hooks split the inputs (they wrap
+    ``forward``), takes the kwargs out of the call and holds them until the next call.
+    """
+    held: dict[str, Any] = {}
+
+    def take(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        held.clear()
+        held.update(kwargs.pop("joint_attention_kwargs", None) or {})
+        return args, kwargs
+
+    def give(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        return (args, {**kwargs, **held}) if held else None
+
+    transformer.register_forward_pre_hook(take, with_kwargs=True)
+    for module in transformer.modules():
+        if isinstance(module, LongCatImageAttention):
+            module.register_forward_pre_hook(give, with_kwargs=True)
