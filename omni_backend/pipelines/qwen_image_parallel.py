@@ -3,7 +3,7 @@
 A dual-stream MMDiT: every block updates the image and the text stream; no single-stream blocks.
 diffusers 0.42 declares its ``_cp_plan`` (sequence inputs split at the first block, the RoPE tables
 at ``pos_embed``, the text mask at every block) and ``_tp_plan``, and its attention processor reads
-the heads from the sharded projections: ``prepare`` has nothing to add. The edit's call is the same
+the heads from the sharded projections: tensor parallel needs nothing added. The edit's call is the same
 model over a longer image sequence (the noisy latents, then the input image's).
 
 ``embed`` / ``run_block`` / ``head`` restate ``QwenImageTransformer2DModel.forward`` without the
@@ -15,8 +15,8 @@ divide are padded at the end and the padded keys masked, for Ulysses: the text t
 real token); the image through ``image_mask``, which diffusers' attention processor lacks (it builds the
 image keys' mask as all-valid): ``prepare`` installs one that takes it, and pads the image RoPE table to
 the padded length before the context-parallel hook splits it. Ring attention reuses one mask for every
-key chunk, so under ``ring_degree`` every row of a call needs text of one length and the image tokens a
-length, both multiples of the degree; other requests fail naming ``ring_degree``.
+key chunk, so under ``ring_degree`` every row of a call needs text of one length, and it and the image
+tokens must be multiples of the degree; other requests fail naming ``ring_degree``.
 """
 
 from __future__ import annotations
