@@ -14,6 +14,9 @@ from omni_backend.pipelines.base import DenoiseState, PipelineStages
 # family -> "module:Class"; the spec lives beside the family's pipeline file
 _SPECS: dict[str, str] = {
     "flux": "omni_backend.pipelines.flux_parallel:FluxParallelSpec",
+    "longcat_image": "omni_backend.pipelines.longcat_image_parallel:LongCatImageParallelSpec",
+    "qwen_image": "omni_backend.pipelines.qwen_image_parallel:QwenImageParallelSpec",
+    "qwen_image_edit": "omni_backend.pipelines.qwen_image_parallel:QwenImageParallelSpec",
     "wan22_t2v": "omni_backend.pipelines.wan_parallel:WanParallelSpec",
     "wan22_i2v": "omni_backend.pipelines.wan_parallel:WanParallelSpec",
 }

@@ -221,25 +221,22 @@ class QwenImageStages(PipelineStages):
 
     @torch.inference_mode()
     def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
-        qwen_states: list[QwenImageState] = list(states)  # type: ignore[arg-type]
-        cfg = [s for s in qwen_states if s.do_true_cfg]
-        # Rows: the conditional branch of every request, then the negative branch of the CFG ones.
-        rows = [(s, "") for s in qwen_states] + [(s, "negative_") for s in cfg]
+        rows = self.denoise_rows(states)
         inputs = self.transformer_inputs(rows)
         if self.step_cache is not None:
             out = self.step_cache.forward([cache_row(s, bool(p)) for s, p in rows], inputs)
         else:
             out = self.pipe.transformer(**inputs, return_dict=False)[0]
-        # the edit's input-image latents follow the noisy ones in the sequence; only the latter are predicted
-        noise = out[:, : rows[0][0].latents.shape[1]]
-        n = len(qwen_states)
-        preds = [noise[i : i + 1] for i in range(n)]
-        for j, state in enumerate(cfg):
-            i = qwen_states.index(state)
-            preds[i] = _true_cfg(preds[i], noise[n + j : n + j + 1], state.request.params.true_cfg_scale)
-        return preds
+        return self.combine_rows(states, out)
 
-    def transformer_inputs(self, rows: list[tuple[QwenImageState, str]]) -> dict[str, Any]:
+    # The three pieces of ``denoise``, also driven by distributed/ to split the rows over ranks.
+
+    def denoise_rows(self, states: Sequence[DenoiseState]) -> list[tuple[QwenImageState, str]]:
+        """Transformer batch rows: every request's conditional branch, then the true-CFG ones' negative branch."""
+        qwen_states: list[QwenImageState] = list(states)  # type: ignore[arg-type]
+        return [(s, "") for s in qwen_states] + [(s, "negative_") for s in qwen_states if s.do_true_cfg]
+
+    def transformer_inputs(self, rows: Sequence[tuple[QwenImageState, str]]) -> dict[str, Any]:
         """Keyword arguments of one transformer call over (state, branch prefix) rows: the state's latents
         (and the edit's input-image latents), that branch's text."""
         latents = torch.cat([_model_input(s) for s, _ in rows])
@@ -258,6 +255,19 @@ class QwenImageStages(PipelineStages):
             "encoder_hidden_states": text,
             "img_shapes": [s.img_shapes for s, _ in rows],
         }
+
+    def combine_rows(self, states: Sequence[DenoiseState], out: torch.Tensor) -> list[torch.Tensor]:
+        """One noise prediction per state from the rows' outputs (true CFG combined)."""
+        qwen_states: list[QwenImageState] = list(states)  # type: ignore[arg-type]
+        # the edit's input-image latents follow the noisy ones in the sequence; only the latter are predicted
+        noise = out[:, : qwen_states[0].latents.shape[1]]
+        preds = [noise[i : i + 1] for i in range(len(qwen_states))]
+        negative = len(qwen_states)
+        for i, state in enumerate(qwen_states):
+            if state.do_true_cfg:
+                preds[i] = _true_cfg(preds[i], noise[negative : negative + 1], state.request.params.true_cfg_scale)
+                negative += 1
+        return preds
 
     # ------------------------------------------------------------------ 4. decode
 

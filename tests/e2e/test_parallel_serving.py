@@ -1,6 +1,7 @@
 """cfg2, ulysses2 and pp2 served by a real tritonserver: each model instance drives a worker group of
-two spawned ranks (gloo), and the images equal diffusers' FluxPipeline; a bad layout fails its load;
-a rank killed mid-request fails the requests in flight at once and the next request gets a fresh group.
+two spawned ranks (gloo), and the images equal diffusers' FluxPipeline (and, for Qwen-Image's ulysses2,
+QwenImagePipeline's); a bad layout fails its load; a rank killed mid-request fails the requests in flight
+at once and the next request gets a fresh group.
 """
 
 from __future__ import annotations
@@ -26,28 +27,32 @@ from tests.e2e.test_step_batching import run_in_thread, wait_for_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
+# name -> (the model_repository/ model it varies, the parameters it adds)
 VARIANTS = {
-    "flux_cfg2": {"cfg_parallel_size": "2"},
-    "flux_ulysses2": {"ulysses_degree": "2"},
-    "flux_pp2": {"pipeline_parallel_size": "2"},
-    "flux_bad_ulysses": {"ulysses_degree": "4"},  # 2 heads in the tiny checkpoint
+    "flux_cfg2": ("flux", {"cfg_parallel_size": "2"}),
+    "flux_ulysses2": ("flux", {"ulysses_degree": "2"}),
+    "flux_pp2": ("flux", {"pipeline_parallel_size": "2"}),
+    "flux_bad_ulysses": ("flux", {"ulysses_degree": "4"}),  # 2 heads in the tiny checkpoint
+    "qwen_image_ulysses2": ("qwen_image", {"ulysses_degree": "2"}),
 }
 
 
-def _variant(repo: Path, name: str, parameters: dict[str, str]) -> None:
-    shutil.copytree(REPOSITORY / "flux", repo / name)
-    config = (repo / name / "config.pbtxt").read_text().replace('name: "flux"', f'name: "{name}"')
+def _variant(repo: Path, name: str, source: str, parameters: dict[str, str]) -> None:
+    shutil.copytree(REPOSITORY / source, repo / name)
+    config = (repo / name / "config.pbtxt").read_text().replace(f'name: "{source}"', f'name: "{name}"')
     extra = "".join(f',\n  {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in parameters.items())
     head, tail = config.rsplit("]", 1)  # the parameters block closes last
     (repo / name / "config.pbtxt").write_text(head.rstrip() + extra + "\n]" + tail)
 
 
 @pytest.fixture(scope="module")
-def parallel_server(tmp_path_factory, model_root):
+def parallel_server(tmp_path_factory, model_root, tiny_qwen_image):
     repo = tmp_path_factory.mktemp("parallel_repo")
-    for name, parameters in VARIANTS.items():
-        _variant(repo, name, parameters)
-    loads = [f"--load-model={name}" for name in VARIANTS if name != "flux_bad_ulysses"]
+    for name, (source, parameters) in VARIANTS.items():
+        _variant(repo, name, source, parameters)
+    # loaded by their tests, one at a time: every group loaded at once makes the start heavier
+    later = ("flux_bad_ulysses", "qwen_image_ulysses2")
+    loads = [f"--load-model={name}" for name in VARIANTS if name not in later]
     process = TritonServerProcess(
         repo, env_extra={"OMNI_MODEL_ROOT": str(model_root)},
         extra_args=["--model-control-mode=explicit", *loads],
@@ -69,6 +74,26 @@ def test_parallel_model_matches_diffusers(parallel_server, flux_reference, model
         client.close()
     expected = flux_reference(
         "a green square", 7, negative_prompt="blurry", true_cfg_scale=3.0, height=64, width=64, num_inference_steps=3
+    )
+    assert_same_image(image, expected)
+
+
+def test_parallel_qwen_image_matches_diffusers(parallel_server, qwen_image_reference):
+    """True CFG with prompts of 7 tokens: padded to 8 and masked for the two ranks."""
+    control = grpcclient.InferenceServerClient(parallel_server.grpc_url)
+    control.load_model("qwen_image_ulysses2")
+    client = RawClient(parallel_server, "http")
+    try:
+        request = {"prompt": "a cat", "negative_prompt": "dark", "true_cfg_scale": np.float32(4.0),
+                   "height": np.int32(64), "width": np.int32(64), "num_inference_steps": np.int32(3),
+                   "seed": np.int64(7)}  # fmt: skip
+        image = client.infer("qwen_image_ulysses2", request)
+    finally:
+        client.close()
+        control.unload_model("qwen_image_ulysses2")  # its two ranks' processes go
+        control.close()
+    expected = qwen_image_reference(
+        "a cat", 7, negative_prompt="dark", true_cfg_scale=4.0, height=64, width=64, num_inference_steps=3
     )
     assert_same_image(image, expected)
 
