@@ -35,7 +35,9 @@ from tests.test_parity_qwen_image_edit import input_image
 
 pytestmark = pytest.mark.slow
 
-PROMPT, STEPS, SEED, LORA = "a red circle on a blue background", 4, 10, ("style", 0.8)
+PROMPT, SEED, LORA = "a red circle on a blue background", 10, ("style", 0.8)
+QWEN_STEPS = 2  # Qwen-Image-Edit conditions on a ~1024x1024 image: its steps are the costly ones
+WAN_STEPS = 4  # with the tiny Wan2.2's boundary_ratio 0.875: 1 high-noise step, 3 low-noise steps
 MIX = [None, LORA]  # the same seed: the adapter's output is compared with the base one too
 
 
@@ -92,7 +94,7 @@ def check_mixed_batch(family: str, checkpoint: Path, lora_dir: Path, params: Sam
         assert_same_video(output.outputs[stages.output_name], wanted[lora])
     # the comparison tells the two apart: an adapter left out (or applied to both) would fail it
     assert fraction_close(wanted[LORA], wanted[None]) < 0.9, "the adapter changes nothing"
-    assert calls == [1] * len(MIX) * STEPS  # one adapter setting per transformer call
+    assert calls == [1] * len(MIX) * params.num_inference_steps  # one adapter setting per transformer call
 
 
 def test_qwen_image_mixed_batch_equals_diffusers(tiny_qwen_image, tmp_path):
@@ -100,12 +102,12 @@ def test_qwen_image_mixed_batch_equals_diffusers(tiny_qwen_image, tmp_path):
 
     lora_dir = build_adapter(tiny_qwen_image, tmp_path)
     pipe = reference_pipeline(QwenImagePipeline, tiny_qwen_image, lora_dir)
-    kwargs = {"height": 64, "width": 64, "num_inference_steps": STEPS, "negative_prompt": "blurry"}
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": QWEN_STEPS, "negative_prompt": "blurry"}
 
     def expected(lora: tuple[str, float] | None) -> np.ndarray:
         return np.asarray(render(pipe, lora, true_cfg_scale=3.0, **kwargs).images[0])
 
-    params = SamplingParams(64, 64, STEPS, 1.0, 3.0, SEED)
+    params = SamplingParams(64, 64, QWEN_STEPS, 1.0, 3.0, SEED)
     check_mixed_batch("qwen_image", tiny_qwen_image, lora_dir, params, expected, negative_prompt="blurry")
 
 
@@ -121,16 +123,16 @@ def test_qwen_image_edit_mixed_batch_equals_diffusers(tiny_qwen_image_edit, tmp_
 
     def expected(lora: tuple[str, float] | None) -> np.ndarray:
         result = render(
-            pipe, lora, image=Image.fromarray(image), height=32, width=48, num_inference_steps=STEPS,
+            pipe, lora, image=Image.fromarray(image), height=32, width=48, num_inference_steps=QWEN_STEPS,
             true_cfg_scale=1.0,
         )  # fmt: skip
         return np.asarray(result.images[0])
 
-    params = SamplingParams(32, 48, STEPS, 1.0, 1.0, SEED)
+    params = SamplingParams(32, 48, QWEN_STEPS, 1.0, 1.0, SEED)
     check_mixed_batch("qwen_image_edit", tiny_qwen_image_edit, lora_dir, params, expected, input_image=image)
 
 
-WAN_VIDEO = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": STEPS, "guidance_scale": 4.0}
+WAN_VIDEO = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": WAN_STEPS, "guidance_scale": 4.0}
 
 
 def wan_render(pipe: Any, **kwargs: Any):
@@ -141,7 +143,7 @@ def wan_render(pipe: Any, **kwargs: Any):
     return expected
 
 
-WAN_PARAMS = SamplingParams(32, 48, STEPS, 4.0, 1.0, SEED, num_frames=5, guidance_scale_2=2.0)
+WAN_PARAMS = SamplingParams(32, 48, WAN_STEPS, 4.0, 1.0, SEED, num_frames=5, guidance_scale_2=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_served_wan22_t2v_ensemble_adapter_equals_diffusers(model_root, wan_lora
     configure(repository, "wan22_t2v_transformer", lora_dir=str(wan_lora_dir))
     base = {
         "prompt": PROMPT, "height": np.int32(32), "width": np.int32(48), "num_frames": np.int32(5),
-        "num_inference_steps": np.int32(STEPS), "guidance_scale": np.float32(4.0),
+        "num_inference_steps": np.int32(WAN_STEPS), "guidance_scale": np.float32(4.0),
         "guidance_scale_2": np.float32(2.0), "seed": np.int64(SEED),
     }  # fmt: skip
     with serving(repository, model_root) as process:
