@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+# Wan2.2 A14B's low-noise expert (``transformer_2``): its weights, optional, beside the high-noise expert's
+TRANSFORMER_2_WEIGHTS_FILE = "pytorch_lora_weights_transformer_2.safetensors"
 MAX_NAME_LENGTH = 64
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
 _LISTED = 20  # available names quoted in an "unknown adapter" message
@@ -48,6 +50,16 @@ def available_adapters(lora_dir: Path) -> list[str]:
         if folder is not None and (folder / WEIGHTS_FILE).is_file():
             names.append(entry.name)
     return names
+
+
+def weights_file(folder: Path, file_name: str) -> Path | None:
+    """``folder / file_name`` if it is a file, None if absent; ValueError if a link takes it out of ``folder``."""
+    path = folder / file_name
+    if not path.is_file():
+        return None
+    if path.resolve().parent != folder.resolve():
+        raise ValueError(f"{file_name} resolves outside the adapter folder")
+    return path
 
 
 def _resolve(lora_dir: Path, name: str) -> Path | None:

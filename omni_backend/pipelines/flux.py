@@ -22,7 +22,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from transformers import T5TokenizerFast
 
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.lora.adapter import DiffusersLoraAdapter
+from omni_backend.lora.adapter import FluxLoraAdapter
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import cache_row, loaded_groups
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
@@ -121,8 +121,8 @@ class FluxStages(PipelineStages):
     def step_cache_adapter(self) -> FluxCacheAdapter:
         return FluxCacheAdapter()
 
-    def lora_adapter(self) -> DiffusersLoraAdapter:
-        return DiffusersLoraAdapter(self.pipe.transformer, FluxPipeline)  # FluxLoraLoaderMixin's loader
+    def lora_adapter(self) -> FluxLoraAdapter:
+        return FluxLoraAdapter(self.pipe.transformer)  # FluxLoraLoaderMixin's loader
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         length = self.options.max_sequence_length

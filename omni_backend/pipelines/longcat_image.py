@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline, LongCatImagePipeline, LongCatImageTransformer2DModel
+from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
 from omni_backend.config import ConfigError, RequestLimits
-from omni_backend.lora.adapter import DiffusersLoraAdapter
+from omni_backend.lora.adapter import FluxLoraAdapter
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, load_pipeline
 from omni_backend.pipelines.common import embeddings_from_arrays, encode_with_classic_cfg
 from omni_backend.pipelines.flux import FluxCacheAdapter, FluxStages, FluxState
@@ -105,10 +105,10 @@ class LongCatImageStages(FluxStages):
         _register_blocks_for_diffusers_hooks()
         return LongCatImageCacheAdapter()
 
-    def lora_adapter(self) -> DiffusersLoraAdapter:
+    def lora_adapter(self) -> FluxLoraAdapter:
         # LongCatImagePipeline has no LoRA loader mixin of its own; FLUX's reads diffusers' format and
         # injects through the transformer's PEFT integration, and LongCat's modules have FLUX's names
-        return DiffusersLoraAdapter(self.pipe.transformer, FluxPipeline)
+        return FluxLoraAdapter(self.pipe.transformer)
 
     # ------------------------------------------------------------------ 1. encode
 

@@ -29,6 +29,8 @@ from diffusers import (
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
 from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.lora.adapter import DiffusersLoraAdapter
+from omni_backend.lora.names import WEIGHTS_FILE
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import (
     cache_row,
@@ -129,6 +131,10 @@ class QwenImageStages(PipelineStages):
 
     def step_cache_adapter(self) -> QwenImageCacheAdapter:
         return QwenImageCacheAdapter(self.pipe.transformer)
+
+    def lora_adapter(self) -> DiffusersLoraAdapter:
+        # QwenImageLoraLoaderMixin, which QwenImageEditPipeline shares (the same transformer)
+        return DiffusersLoraAdapter(self.pipeline_cls, {WEIGHTS_FILE: self.pipe.transformer})
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         # true CFG on (the default scale, diffusers' example's " " negative prompt when the text encoder

@@ -23,6 +23,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
 from omni_backend.config import ConfigError, RequestLimits
+from omni_backend.lora.adapter import DiffusersLoraAdapter
+from omni_backend.lora.names import TRANSFORMER_2_WEIGHTS_FILE, WEIGHTS_FILE
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import (
     embeddings_from_arrays,
@@ -124,6 +126,15 @@ class WanT2VStages(PipelineStages):
         # with CFG on, WanPipeline encodes the negative prompt, "" when none is given
         negative = (request.negative_prompt or "") if request.params.guidance_scale > 1 else None
         return (request.prompt, negative, self.options.max_sequence_length)
+
+    def lora_adapter(self) -> DiffusersLoraAdapter:
+        # WanLoraLoaderMixin: one file per expert, as load_lora_weights(..., load_into_transformer_2=True)
+        # loads the low-noise expert's (omni_backend/lora/adapter.py). load_lora_weights' T2V-to-I2V
+        # padding only concerns transformers with CLIP image inputs (image_dim), which Wan2.2's lack.
+        experts = {WEIGHTS_FILE: self.pipe.transformer}
+        if self.pipe.transformer_2 is not None:
+            experts[TRANSFORMER_2_WEIGHTS_FILE] = self.pipe.transformer_2
+        return DiffusersLoraAdapter(self.pipeline_cls, experts)
 
     def warmup_request(self, height: int, width: int) -> tuple[DiffusionRequest, Conditioning]:
         # the default frame count and CFG on: both rows of the call, and with two steps both experts

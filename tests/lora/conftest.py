@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_backend.testing.tiny_lora import build_tiny_flux_lora
+from omni_backend.testing.tiny_lora import build_tiny_lora
 
 ADAPTERS = ("style1", "style2", "style.3")  # a '.' in a name: peft module keys can't hold one
 
@@ -17,7 +17,7 @@ ADAPTERS = ("style1", "style2", "style.3")  # a '.' in a name: peft module keys 
 def lora_dir(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loras")
     for seed, name in enumerate(ADAPTERS, start=1):
-        build_tiny_flux_lora(tiny_flux, root / name, seed=seed)
+        build_tiny_lora(tiny_flux, root / name, seed=seed)
     return root
 
 

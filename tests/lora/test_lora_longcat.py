@@ -16,7 +16,7 @@ from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.longcat_image import LongCatImageOptions, LongCatImageStages
 from omni_backend.request import DiffusionRequest, LoraSelection, SamplingParams
 from omni_backend.testing.compare import assert_same_image
-from omni_backend.testing.tiny_lora import build_tiny_flux_lora
+from omni_backend.testing.tiny_lora import build_tiny_lora
 from tests.e2e.conftest import PROTOCOLS, REPOSITORY, RawClient, serving
 from tests.e2e.test_bad_input import status_is_invalid_arg
 from tests.lora.test_lora_e2e import configure
@@ -32,7 +32,7 @@ ADAPTERS = ("style1", "style2")
 def longcat_lora_dir(tiny_longcat_image, tmp_path_factory):
     root = tmp_path_factory.mktemp("longcat-loras")
     for seed, name in enumerate(ADAPTERS, start=1):
-        build_tiny_flux_lora(tiny_longcat_image, root / name, seed=seed)
+        build_tiny_lora(tiny_longcat_image, root / name, seed=seed)
     return root
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from omni_backend.config import ConfigError, LoraConfig, RequestLimits, parse_model_config
-from omni_backend.lora.names import WEIGHTS_FILE, available_adapters
+from omni_backend.lora.names import TRANSFORMER_2_WEIGHTS_FILE, WEIGHTS_FILE, available_adapters, weights_file
 from omni_backend.lora.registry import LoraRegistry, create_lora_registry, validate_lora
-from omni_backend.pipelines.base import Component
+from omni_backend.pipelines.base import Component, PipelineStages
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import InvalidRequestError, LoraSelection, parse_lora
 
@@ -152,18 +152,25 @@ def test_lora_dir_on_a_stage_without_the_transformer_fails_the_load(tiny_flux, f
         create_lora_registry(cfg, stages, Component.VAE)
 
 
-def test_a_family_without_lora_support_fails_the_load_naming_it(tiny_qwen_image, folder):
-    from omni_backend.registry import resolve_family
+def test_a_family_without_lora_support_fails_the_load_naming_it(tiny_flux, folder):
+    class NoLoraStages(FluxStages):
+        lora_adapter = PipelineStages.lora_adapter  # a family that gives no LoRA hook
 
-    stages_cls = resolve_family("qwen_image")
-    cfg = parse_model_config(
-        {"family": "qwen_image", "model": str(tiny_qwen_image), "lora_dir": str(folder)}, stages_cls.options_cls
-    )
-    stages = stages_cls.load(
-        str(tiny_qwen_image), Component.TRANSFORMER, torch.float32, torch.device("cpu"), cfg.options
-    )
-    with pytest.raises(ConfigError, match="lora_dir: the qwen_image family does not support LoRA adapters"):
+    cfg = parse_model_config({"family": "flux", "model": str(tiny_flux), "lora_dir": str(folder)}, FluxOptions)
+    stages = NoLoraStages.load(str(tiny_flux), Component.TRANSFORMER, torch.float32, torch.device("cpu"), FluxOptions())
+    with pytest.raises(ConfigError, match="lora_dir: the flux family does not support LoRA adapters"):
         create_lora_registry(cfg, stages, Component.TRANSFORMER)
+
+
+def test_a_second_expert_file_must_lie_in_the_adapter_folder(tmp_path):
+    """Wan2.2's low-noise expert file is optional, and, like the main one, may not link out of its folder."""
+    adapter, outside = tmp_path / "a", tmp_path / "outside.safetensors"
+    adapter.mkdir()
+    outside.write_bytes(b"")
+    assert weights_file(adapter, TRANSFORMER_2_WEIGHTS_FILE) is None
+    (adapter / TRANSFORMER_2_WEIGHTS_FILE).symlink_to(outside)
+    with pytest.raises(ValueError, match=f"{TRANSFORMER_2_WEIGHTS_FILE} resolves outside the adapter folder"):
+        weights_file(adapter, TRANSFORMER_2_WEIGHTS_FILE)
 
 
 def test_a_pinned_adapter_that_fails_to_load_fails_the_load(tiny_flux, folder):
