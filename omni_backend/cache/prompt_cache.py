@@ -3,8 +3,10 @@
 Keyed on what decides the encoder output: the family's ``encode_key`` (prompt, negative prompt
 when it is encoded, every encoder parameter such as the sequence length). Entries are the per-request
 conditioning dicts ``encode`` returns; tensors are never modified downstream (``prepare`` copies
-them to the device), so a hit hands the same tensors out again. A lock makes it safe when several
-threads encode at once (ensemble text-encoder instances, the engine thread).
+them to the device), so a hit hands the same tensors out again. It is safe when several threads
+encode at once: one lock guards the entries, another serializes the misses' encoder calls, because
+the encoders are not thread-safe (a fast tokenizer's padding and truncation state is set per call,
+so two concurrent calls can pad to each other's length).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class PromptEmbedCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[Hashable, Conditioning] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the entries and counters
+        self._encoding = threading.Lock()  # one encoder call at a time
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,16 +50,17 @@ class PromptEmbedCache:
             if key not in found:
                 missing.setdefault(key, request)  # the same prompt twice in a batch is encoded once
         if missing:
-            encoded = encode(list(missing.values()))
+            with self._encoding:
+                encoded = encode(list(missing.values()))
             found.update(zip(missing, encoded, strict=True))
-            with self._lock:
-                for key in missing:
-                    self._entries[key] = found[key]
-                    self._entries.move_to_end(key)
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
         hits = len(requests) - len(missing)
-        self.hits += hits
-        self.misses += len(missing)
-        self.observer.on_prompt_cache(hits, len(missing))
+        with self._lock:
+            for key in missing:
+                self._entries[key] = found[key]
+                self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            self.hits += hits
+            self.misses += len(missing)
+            self.observer.on_prompt_cache(hits, len(missing))
         return [dict(found[key]) for key in keys]  # a dict per request: callers may add to theirs
