@@ -71,11 +71,11 @@ class FluxParallelSpec:
     def prepare_model_parallel(transformer: FluxTransformer2DModel, groups: ParallelGroups) -> None:
         """Nothing: diffusers' FLUX.1 has its ``_tp_plan`` and ``_cp_plan``."""
 
-    @staticmethod
+    @classmethod
     def sequence_parallel_forward(
-        transformer: FluxTransformer2DModel, inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
+        cls, transformer: torch.nn.Module, inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
     ) -> torch.Tensor:
-        inputs, length = FluxParallelSpec.pad_sequences(inputs, ulysses, ring, ulysses_rank)
+        inputs, length = cls.pad_sequences(inputs, ulysses, ring, ulysses_rank)  # the family's padding
         return transformer(**inputs, return_dict=False)[0][:, :length]
 
     @staticmethod

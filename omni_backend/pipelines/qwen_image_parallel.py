@@ -36,17 +36,12 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from omni_backend.config import ConfigError
 from omni_backend.distributed.groups import ParallelGroups
 from omni_backend.distributed.spec import Carry
-from omni_backend.pipelines.base import DenoiseState, PipelineStages
+from omni_backend.pipelines.flux_parallel import FluxParallelSpec
 
 
-class QwenImageParallelSpec:
-    @staticmethod
-    def transformers(stages: PipelineStages) -> list[torch.nn.Module]:
-        return [stages.pipe.transformer]  # type: ignore[attr-defined]
-
-    @staticmethod
-    def expert(stages: PipelineStages, state: DenoiseState) -> int:
-        return 0
+class QwenImageParallelSpec(FluxParallelSpec):
+    """FLUX's joint-stream pieces (one transformer, heads, ``run_block``, ``head``, the padded sequence-parallel
+    call); Qwen's blocks, embeddings and padding rules."""
 
     @staticmethod
     def prepare_model_parallel(transformer: QwenImageTransformer2DModel, groups: ParallelGroups) -> None:
@@ -60,10 +55,6 @@ class QwenImageParallelSpec:
             _pad_image_rotary(transformer.pos_embed, degree)
             for block in transformer.transformer_blocks:
                 block.attn.set_processor(ImageMaskedAttnProcessor())
-
-    @staticmethod
-    def num_heads(config: dict[str, Any]) -> int:
-        return config["num_attention_heads"]
 
     @staticmethod
     def num_blocks(config: dict[str, Any]) -> int:
@@ -87,27 +78,6 @@ class QwenImageParallelSpec:
         rotary = transformer.pos_embed(inputs["img_shapes"], max_txt_seq_len=text_length, device=hidden.device)
         extras = {"encoder_hidden_states_mask": mask, "temb": temb, "image_rotary_emb": rotary}
         return Carry(hidden=hidden, context=context, extras=extras)
-
-    @staticmethod
-    def run_block(block: torch.nn.Module, carry: Carry) -> None:
-        carry.context, carry.hidden = block(
-            hidden_states=carry.hidden, encoder_hidden_states=carry.context, **carry.extras
-        )
-
-    @staticmethod
-    def head(transformer: QwenImageTransformer2DModel, carry: Carry) -> torch.Tensor:
-        return transformer.proj_out(transformer.norm_out(carry.hidden, carry.extras["temb"]))
-
-    @staticmethod
-    def output_like(transformer: QwenImageTransformer2DModel, inputs: dict[str, Any]) -> torch.Tensor:
-        return torch.empty_like(inputs["hidden_states"])  # packed latents in (the edit's input image too), noise out
-
-    @staticmethod
-    def sequence_parallel_forward(
-        transformer: QwenImageTransformer2DModel, inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int
-    ) -> torch.Tensor:
-        inputs, length = QwenImageParallelSpec.pad_sequences(inputs, ulysses, ring, ulysses_rank)
-        return transformer(**inputs, return_dict=False)[0][:, :length]
 
     @staticmethod
     def pad_sequences(inputs: dict[str, Any], ulysses: int, ring: int, ulysses_rank: int) -> tuple[dict[str, Any], int]:
