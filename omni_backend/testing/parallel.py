@@ -99,6 +99,22 @@ def _rank_main(
         dist.destroy_process_group()
 
 
+# the layouts the parallel tests cover per family (the "_uneven" ones run at a size the degree does not divide)
+LAYOUTS_2 = {
+    "cfg2": ParallelConfig(cfg_parallel_size=2),
+    "ulysses2": ParallelConfig(ulysses_degree=2),
+    "ring2": ParallelConfig(ring_degree=2),
+    "tp2": ParallelConfig(tensor_parallel_size=2),
+    "pp2": ParallelConfig(pipeline_parallel_size=2),
+    "ulysses2_uneven": ParallelConfig(ulysses_degree=2),
+}
+LAYOUTS_4 = {
+    "ulysses2_ring2": ParallelConfig(ulysses_degree=2, ring_degree=2),
+    "cfg2_ulysses2": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
+    "cfg2_ulysses2_uneven": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
+}
+
+
 def run_parallel(
     family: str, checkpoint: str, jobs: list[tuple[ParallelConfig | None, Cases]], pin_cores: bool = False
 ) -> list[LoopResult]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_backend.config import ParallelConfig
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.testing.compare import assert_same_image
-from omni_backend.testing.parallel import denoise_loop, run_parallel
+from omni_backend.testing.parallel import LAYOUTS_2, LAYOUTS_4, denoise_loop, run_parallel
 
 # (prompt, seed, negative_prompt, true_cfg_scale, steps)
 CASES = [
@@ -24,19 +23,6 @@ CASES = [
 ]
 SIZE = 64
 UNEVEN = 48  # 3 x 3 = 9 image tokens: not a multiple of 2 or 4 ranks
-LAYOUTS_2 = {
-    "cfg2": ParallelConfig(cfg_parallel_size=2),
-    "ulysses2": ParallelConfig(ulysses_degree=2),
-    "ring2": ParallelConfig(ring_degree=2),
-    "tp2": ParallelConfig(tensor_parallel_size=2),
-    "pp2": ParallelConfig(pipeline_parallel_size=2),
-    "ulysses2_uneven": ParallelConfig(ulysses_degree=2),
-}
-LAYOUTS_4 = {
-    "ulysses2_ring2": ParallelConfig(ulysses_degree=2, ring_degree=2),
-    "cfg2_ulysses2": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
-    "cfg2_ulysses2_uneven": ParallelConfig(cfg_parallel_size=2, ulysses_degree=2),
-}
 SIZES = {"ulysses2_uneven": UNEVEN, "cfg2_ulysses2_uneven": UNEVEN}
 
 

@@ -14,13 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from omni_backend.config import ParallelConfig
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.wan import WanOptions, WanT2VStages
 from omni_backend.pipelines.wan_i2v import WanI2VStages
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.testing.compare import assert_same_image
-from omni_backend.testing.parallel import denoise_loop, run_parallel
+from omni_backend.testing.parallel import LAYOUTS_2, denoise_loop, run_parallel
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -31,14 +30,7 @@ CASES = [
 ]
 SIZE = (32, 48, 5)  # 2 latent frames of 2 x 3 patches: 12 video tokens
 UNEVEN = (48, 48, 1)  # 1 latent frame of 3 x 3 patches: 9 tokens, not a multiple of 2 ranks
-LAYOUTS = {
-    "cfg2": ParallelConfig(cfg_parallel_size=2),
-    "ulysses2": ParallelConfig(ulysses_degree=2),
-    "ring2": ParallelConfig(ring_degree=2),
-    "tp2": ParallelConfig(tensor_parallel_size=2),
-    "pp2": ParallelConfig(pipeline_parallel_size=2),
-    "ulysses2_uneven": ParallelConfig(ulysses_degree=2),
-}
+LAYOUTS = LAYOUTS_2
 SIZES = {"ulysses2_uneven": UNEVEN}
 FAMILIES = {"wan22_t2v": WanT2VStages, "wan22_i2v": WanI2VStages}
 
