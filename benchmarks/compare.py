@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = build_tiny_flux(models / "flux-shapes", seed=0)  # the name model_repository/ serves
         for name in STAGES:
             shutil.copytree(ROOT / "model_repository" / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        build_repository(repo)
+        build_repository(repo, {})
         loads = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in STAGES),
                  *(f"--load-model=flux_{m}" for m in MODES)]  # fmt: skip
         server = TritonServerProcess(repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads)

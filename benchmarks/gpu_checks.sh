@@ -3,17 +3,30 @@
 #   1. the CUDA-only tests (offload and sleep free real device memory; images unchanged),
 #   2. FLUX.1-dev at full size: diffusers, then our stages on the same weights per offload mode,
 #      one request and a step batch of 4,
-#   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages.
+#   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages,
+#   4. step-level batching through tritonserver (benchmarks/step_batching.py, FLUX.1's block width),
+#   5. Wan2.2's layerwise offload row alone (wan22_layerwise; not in the default run: step 3 has it).
 # Results go to $OUT (default benchmarks/results/gpu); each step has its own time limit, so a slow
-# one costs only itself. STEPS="cuda_tests flux" runs only those. Python packages missing on the GPU
-# machine travel as wheels in .whl/.
+# one costs only itself. STEPS="cuda_tests flux" runs only those. What the GPU machine lacks travels
+# in .gpu/ (packed here by benchmarks/gpu_bundle.sh): Python packages and the tritonserver of the
+# nvidia-pytriton wheel, unpacked to /tmp/site.
 #     bash benchmarks/gpu_checks.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [[ -f .gpu/site.tar.xz ]]; then
+    mkdir -p /tmp/site
+    for bundle in .gpu/site.tar.xz .gpu/triton.tar.xz; do [[ -f $bundle ]] && tar -C /tmp/site -xJf "$bundle"; done
     export PYTHONPATH=/tmp/site
+fi
+# The backend stub loads the shared libpython of the machine's Python; where there is none (a static
+# build), use the carried one.
+libpython=$(python3 -c "import sysconfig as s; print('libpython' + s.get_config_var('VERSION') + '.so.1.0')")
+if ! python3 -c "import os, sysconfig as s; os.stat(os.path.join(s.get_config_var('LIBDIR'), '$libpython'))" \
+    2>/dev/null && [[ -f .gpu/libpython.so.xz ]]; then
+    mkdir -p /tmp/pylib
+    xz -dc .gpu/libpython.so.xz >"/tmp/pylib/$libpython"
+    export LD_LIBRARY_PATH=/tmp/pylib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 export PYTHONPATH=$PWD:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 {
@@ -21,14 +34,15 @@ export PYTHONPATH=$PWD:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
+DEFAULT_STEPS="cuda_tests flux flux_batch4 qwen_image wan22_t2v step_batching"
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
     local name=$1 limit=$2
     shift 2
-    [[ " ${STEPS:-$name} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-$DEFAULT_STEPS} " == *" $name "* ]] || return 0
     local started=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/summary.txt"
-    grep -E "passed|failed|error|family=|level [12]:" "$OUT/$name.log" | tail -12
+    grep -E "passed|failed|error|family=|level [12]:|req/s|Throughput" "$OUT/$name.log" | tail -12
 }
 
 step cuda_tests 180 python3 -m pytest -q -s -p no:cacheprovider -k "cuda or sleep_frees_device_memory" \
@@ -39,3 +53,7 @@ step flux_batch4 240 python3 -m benchmarks.full_size --family flux --ours --batc
 step qwen_image 150 python3 -m benchmarks.full_size --family qwen_image --repeats 1 --out "$OUT/full_size.csv"
 step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --steps 2 --repeats 1 \
     --out "$OUT/full_size.csv"
+step step_batching 330 python3 -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 \
+    --sizes 512 1024 --warmup 16 --requests 96 --quiet-wait 5 --out "$OUT"
+step wan22_layerwise 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload layerwise --steps 2 \
+    --repeats 1 --out "$OUT/full_size.csv"

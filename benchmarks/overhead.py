@@ -125,8 +125,13 @@ def main() -> None:
             kwargs.update(family.call_kwargs)
             if family.input_image:
                 kwargs["image"] = Image.fromarray(INPUT_IMAGE)
-            result = pipe(
-                PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=generator, **kwargs
+            result = pipe(  # prompt by keyword: the edit pipeline's first positional is ``image``
+                prompt=PROMPT,
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                generator=generator,
+                **kwargs,
             )
             if video:  # what diffusers' export_to_video writes
                 return (result.frames[0] * 255).round().astype(np.uint8)

@@ -15,6 +15,11 @@ quiet machine (others < 0.2 cores).
 
     python -m benchmarks.step_batching [--sizes 768 1024] [--requests 64] [--clients 8]
     python -m benchmarks.step_batching --smoke --out DIR   # seconds: tiny sizes and counts (tests)
+    python -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 --sizes 512 1024
+
+``--checkpoint wide`` (for a GPU) swaps the tiny transformer for FLUX.1's own block width (24 heads of
+128, MLP ratio 4) with ``--wide-layers`` double/single blocks and random weights, so that one step
+takes tens of milliseconds on a GPU as it does with the tiny one on two CPU cores.
 
 Writes benchmarks/results/step_batching.{csv,md} and, with matplotlib, two PNG bar charts."""
 
@@ -73,13 +78,33 @@ def with_parameters(config: str, name: str, params: dict[str, str]) -> str:
     return config[: match.start(1)] + "\n".join(lines) + "\n" + config[match.end(1) :]
 
 
-def build_repository(repo: Path) -> None:
+def build_repository(repo: Path, engine: dict[str, str]) -> None:
+    """One copy of ``flux`` per mode; ``engine`` holds the parameters all copies share (device, dtype)."""
     source = ROOT / "model_repository" / "flux"
     for mode, params in MODES.items():
         target = repo / f"flux_{mode}"
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        config = with_parameters((source / "config.pbtxt").read_text(), f"flux_{mode}", params)
+        config = with_parameters((source / "config.pbtxt").read_text(), f"flux_{mode}", {**engine, **params})
         (target / "config.pbtxt").write_text(config)
+
+
+def build_checkpoint(kind: str, out: Path, layers: tuple[int, int], device: str, dtype: torch.dtype) -> Path:
+    """The tiny FLUX checkpoint; ``wide`` replaces its transformer with one of FLUX.1's block width."""
+    checkpoint = build_tiny_flux(out, seed=0)  # the name model_repository/ serves
+    if kind == "wide":
+        from diffusers import FluxTransformer2DModel
+
+        tiny = FluxTransformer2DModel.load_config(checkpoint / "transformer")
+        config = {k: v for k, v in tiny.items() if not k.startswith("_")}
+        config.update(num_layers=layers[0], num_single_layers=layers[1], attention_head_dim=128,
+                      num_attention_heads=24, axes_dims_rope=(16, 56, 56))  # fmt: skip
+        torch.manual_seed(0)
+        with torch.device(device):  # random init of billions of weights is slow on a CPU
+            model = FluxTransformer2DModel(**config).to(dtype)
+        shutil.rmtree(checkpoint / "transformer")
+        model.save_pretrained(checkpoint / "transformer")
+        del model
+    return checkpoint
 
 
 def cpu_seconds(server_pgid: int | None) -> tuple[float, float]:
@@ -113,29 +138,45 @@ def wait_quiet(server_pgid: int | None, limit_s: float) -> None:
         print(f"  waiting for a quiet machine: other processes use {load:.2f} cores")
 
 
-def probe_ms(checkpoint: Path, size: int, batch: int) -> tuple[float, float]:
-    """Median ms of one transformer call (512 text tokens, as served) and of one VAE decode (batch 1)."""
+def probe_ms(
+    checkpoint: Path, sizes: list[int], batches: tuple[int, ...], device: str, dtype: torch.dtype
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """Per (size, batch): median ms of one transformer call (512 text tokens, as served) and of one VAE
+    decode of batch 1."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer").eval()
-    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae").eval()
-    tokens, text = (size // 16) ** 2, 512
-    kwargs = {
-        "hidden_states": torch.randn(batch, tokens, 64), "encoder_hidden_states": torch.randn(batch, text, 32),
-        "pooled_projections": torch.randn(batch, 32), "timestep": torch.full((batch,), 0.5),
-        "guidance": torch.full((batch,), 3.5), "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3),
-    }  # fmt: skip
-    latents = torch.randn(1, 16, size // 8, size // 8)
-    results = []
-    for call in (lambda: model(**kwargs), lambda: vae.decode(latents)):
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", torch_dtype=dtype)
+    model, vae, config = model.to(device).eval(), vae.to(device).eval(), model.config
+
+    def median_ms(call: Any) -> float:
         times = []
         with torch.inference_mode():
             for _ in range(7):  # the first 2 are warm-up
                 start = time.perf_counter()
                 call()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-        results.append(float(np.median(times[2:])) * 1000)
-    return results[0], results[1]
+        return float(np.median(times[2:])) * 1000
+
+    results = {}
+    for size in sizes:
+        tokens, text = (size // 16) ** 2, 512
+        with torch.device(device):
+            latents = torch.randn(1, 16, size // 8, size // 8, dtype=dtype)
+            decode_ms = median_ms(lambda z=latents: vae.decode(z))
+            for batch in batches:
+                kwargs = {
+                    "hidden_states": torch.randn(batch, tokens, config.in_channels, dtype=dtype),
+                    "encoder_hidden_states": torch.randn(batch, text, config.joint_attention_dim, dtype=dtype),
+                    "pooled_projections": torch.randn(batch, config.pooled_projection_dim, dtype=dtype),
+                    "timestep": torch.full((batch,), 0.5, dtype=dtype),
+                    "guidance": torch.full((batch,), 3.5, dtype=dtype),
+                    "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3),
+                }  # fmt: skip
+                results[size, batch] = (median_ms(lambda kw=kwargs: model(**kw)), decode_ms)
+    return results
 
 
 def batch_size_stats(metrics_url: str, model: str) -> tuple[float, float]:
@@ -241,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in (("short-steps", 4), ("long-steps", 24), ("clients", 8), ("warmup", 8), ("requests", 64)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", choices=("tiny", "wide"), default="tiny")
+    parser.add_argument("--wide-layers", default="4,8", help="double,single blocks of --checkpoint wide")
+    parser.add_argument("--device", default="cpu", help="the models' device parameter and the probe's device")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help=f"a quick check that it all runs: {SMOKE}")
@@ -252,10 +297,14 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         models, repo = Path(tmp) / "models", Path(tmp) / "repo"
-        checkpoint = build_tiny_flux(models / "flux-shapes", seed=0)  # the name model_repository/ serves
+        dtype = getattr(torch, args.dtype)
+        layers = tuple(int(n) for n in args.wide_layers.split(","))
+        checkpoint = build_checkpoint(args.checkpoint, models / "flux-shapes", layers, args.device, dtype)
         wait_quiet(None, args.quiet_wait)
-        probe = {(s, b): probe_ms(checkpoint, s, b) for s in args.sizes for b in (1, args.clients)}
-        build_repository(repo)
+        probe = probe_ms(checkpoint, args.sizes, (1, args.clients), args.device, dtype)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # leave the device to the server
+        build_repository(repo, {"device": args.device, "dtype": args.dtype})
         loads = ["--model-control-mode=explicit", *(f"--load-model=flux_{m}" for m in MODES)]
         server = TritonServerProcess(repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads)
         with server.start(timeout=600):
@@ -273,9 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     short_ratio = get["step", "short"]["p50_s"] / get["request", "short"]["p50_s"]
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    wide = f"FLUX.1's block width, {layers[0]}+{layers[1]} blocks, random weights" if args.checkpoint == "wide" else ""
     lines = [
-        f"Machine: {cpu_name} ({platform.machine()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch "
-        f"threads, torch {torch.__version__}. Workload: {args.clients} closed-loop gRPC clients; short = "
+        f"Machine: {cpu_name} ({platform.machine()}, {os.cpu_count()} cores){gpu}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}. Checkpoint: tiny-flux{' with a transformer of ' + wide if wide else ''}"
+        f", {args.dtype} on {args.device}. Workload: {args.clients} closed-loop gRPC clients; short = "
         f"{args.short_steps} steps, long = {args.long_steps} steps; sizes "
         f"{' and '.join(f'{s}x{s}' for s in args.sizes)}; {args.warmup} warm-up + {args.requests} measured "
         f"requests per mode; seed {args.seed}.",
