@@ -18,6 +18,9 @@ if [[ -f .gpu/site.tar.xz ]]; then
     mkdir -p /tmp/site
     for bundle in .gpu/site.tar.xz .gpu/triton.tar.xz; do [[ -f $bundle ]] && tar -C /tmp/site -xJf "$bundle"; done
     export PYTHONPATH=/tmp/site
+    # tritonserver's backend stubs did not see PYTHONPATH there: a .pth file reaches every interpreter
+    # that uses this Python's site-packages
+    python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" | xargs -I{} sh -c 'echo /tmp/site >{}/omni_gpu_site.pth'
 fi
 # The backend stub loads the shared libpython of the machine's Python; where there is none (a static
 # build), use the carried one.
@@ -54,6 +57,6 @@ step qwen_image 150 python3 -m benchmarks.full_size --family qwen_image --repeat
 step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --steps 2 --repeats 1 \
     --out "$OUT/full_size.csv"
 step step_batching 330 python3 -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 \
-    --sizes 512 1024 --warmup 16 --requests 96 --quiet-wait 5 --out "$OUT"
+    --sizes 512 1024 --warmup 8 --requests 48 --quiet-wait 5 --out "$OUT" --server-log "$OUT/server.log"
 step wan22_layerwise 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload layerwise --steps 2 \
     --repeats 1 --out "$OUT/full_size.csv"

@@ -85,6 +85,10 @@ def build_repository(repo: Path, engine: dict[str, str]) -> None:
         target = repo / f"flux_{mode}"
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         config = with_parameters((source / "config.pbtxt").read_text(), f"flux_{mode}", {**engine, **params})
+        if engine.get("device", "cpu") != "cpu":
+            # A KIND_GPU instance of the 2.51 Python backend from the pip wheel lost the server on the first
+            # request on an H200 (not investigated); the model's ``device`` parameter places it on the GPU.
+            config += "instance_group [ { kind: KIND_CPU } ]\n"
         (target / "config.pbtxt").write_text(config)
 
 
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--server-log", type=Path, help="keep tritonserver's log here (default: a temp file)")
     parser.add_argument("--smoke", action="store_true", help=f"a quick check that it all runs: {SMOKE}")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -306,7 +311,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()  # leave the device to the server
         build_repository(repo, {"device": args.device, "dtype": args.dtype})
         loads = ["--model-control-mode=explicit", *(f"--load-model=flux_{m}" for m in MODES)]
-        server = TritonServerProcess(repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads)
+        server = TritonServerProcess(
+            repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads, log_path=args.server_log
+        )
         with server.start(timeout=600):
             for mode in MODES:
                 wait_quiet(server.server_pid, args.quiet_wait)
