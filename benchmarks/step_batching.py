@@ -85,10 +85,6 @@ def build_repository(repo: Path, engine: dict[str, str]) -> None:
         target = repo / f"flux_{mode}"
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         config = with_parameters((source / "config.pbtxt").read_text(), f"flux_{mode}", {**engine, **params})
-        if engine.get("device", "cpu") != "cpu":
-            # A KIND_GPU instance of the 2.51 Python backend from the pip wheel lost the server on the first
-            # request on an H200 (not investigated); the model's ``device`` parameter places it on the GPU.
-            config += "instance_group [ { kind: KIND_CPU } ]\n"
         (target / "config.pbtxt").write_text(config)
 
 
