@@ -5,6 +5,8 @@ alone, and releasing a request frees its state in both experts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,31 @@ def test_release_frees_both_experts(tiny_wan22_t2v, backend):
     assert low.live_keys() == {"1/cond", "1/uncond"}
     runner.abort(["0", "1"])
     assert high.live_keys() == set() and low.live_keys() == set()
+
+
+@pytest.mark.parametrize("backend", ["first_block_cache", "taylorseer"])
+def test_diffusers_hooks_match_diffusers_wan_pipeline(tiny_wan22_t2v, backend):
+    """Served with a diffusers cache == diffusers' WanPipeline with the same hooks on each expert (whose
+    state, as ours, is the expert's own), for a CFG request crossing the boundary."""
+    import torch
+    from diffusers import WanPipeline
+
+    from omni_backend.cache.config import parse_cache_config
+    from omni_backend.cache.step_cache import _diffusers_config
+
+    stages, _, observer = load_cached(tiny_wan22_t2v, "wan22_t2v", backend, LARGE[backend])
+    prompt, negative, cfg, steps = case = ("a dog", "blurry", 4.0, 5)
+    served = run(stages, [make("wan22_t2v", 0, *case, seed=7)])["0"]
+    assert observer.skipped > 0
+
+    pipe = WanPipeline.from_pretrained(tiny_wan22_t2v, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    settings = parse_cache_config(backend, json.dumps(LARGE[backend]))
+    for expert in (pipe.transformer, pipe.transformer_2):
+        expert.enable_cache(_diffusers_config(settings, stages.step_cache_adapter()))
+    generator = torch.Generator("cpu").manual_seed(7)
+    frames = pipe(
+        prompt=prompt, negative_prompt=negative, guidance_scale=cfg, height=32, width=32, num_frames=5,
+        num_inference_steps=steps, generator=generator, output_type="np",
+    ).frames[0]  # fmt: skip
+    assert np.array_equal(served, (frames * 255).round().astype(np.uint8))
