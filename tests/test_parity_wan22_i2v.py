@@ -7,13 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from omni_backend.config import ConfigError, RequestLimits, parse_model_config
-from omni_backend.engine.observer import AccelerationObserver
+from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.wan import WanOptions
 from omni_backend.pipelines.wan_i2v import WanI2VStages
 from omni_backend.request import InvalidRequestError
-from omni_backend.runner.acceleration import apply_acceleration
 from omni_backend.runner.model_runner import RunnerOutput
 from omni_backend.testing.compare import assert_same_image
 from tests.test_parity import run
@@ -186,12 +184,3 @@ def test_bad_image_condition_from_the_encoder_stage_names_it(stages):
 def test_a_text_to_video_checkpoint_is_refused(tiny_wan22_t2v):
     with pytest.raises(ConfigError, match="not a Wan2.2 image-to-video checkpoint"):
         load(tiny_wan22_t2v, Component.TRANSFORMER)
-
-
-def test_step_caches_fail_the_load_naming_the_family(tiny_wan22_i2v, stages):
-    """README feature table: "no" for wan22_i2v (no cache adapter), and a config asking for one is refused."""
-    config = parse_model_config(
-        {"family": "wan22_i2v", "model": str(tiny_wan22_i2v), "cache_backend": "first_block_cache"}, WanOptions
-    )
-    with pytest.raises(ConfigError, match="^wan22_i2v: WanI2VStages does not support step caches"):
-        apply_acceleration(stages, config, torch.device("cpu"), AccelerationObserver())

@@ -16,6 +16,11 @@ and released by the runner when a request fails or is aborted: it never leaks be
 The family supplies what is model-specific (which inputs carry the batch, the embedders, the
 modulated input of the first block, the rescale polynomial, MagCache ratios): a ``StepCacheAdapter``
 declared in ``pipelines/<family>.py``.
+
+A family with several transformers (Wan2.2 A14B's high- and low-noise experts) gets one cache per
+transformer (``StepCaches``): residuals, input histories, MagCache ratios and TaylorSeer derivatives
+describe one transformer's function, so a row's state lives in the cache of the transformer serving
+it, and a row moving on to the next transformer starts afresh there (its first step computes).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class StepCacheAdapter(Protocol):
     row_inputs: tuple[str, ...]  # transformer kwargs that carry one row per CacheRow (tensors, lists or None)
     tea_cache_coefficients: tuple[float, ...]  # rescale polynomial of the relative L1 change, highest power first
     mag_ratios: tuple[float, ...]  # MagCache magnitude ratios calibrated for the family
+    # modules TaylorSeer predicts (full-match regexes over module names), None: diffusers' defaults
+    taylorseer_identifiers: tuple[str, ...] | None
 
     def embed(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states entering the first block, the timestep embedding)."""
@@ -72,11 +79,15 @@ class StepCacheAdapter(Protocol):
     def modulated_input(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """The first block's modulated (normalised, shifted, scaled) input: TeaCache's change signal."""
 
-    def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """The output head applied to the hidden states leaving the last block."""
+    def head(
+        self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The output head applied to the hidden states leaving the last block (``inputs``: the same rows'
+        transformer kwargs, for heads that unpatchify to the input's shape)."""
 
-    def block_io_modules(self, transformer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(module whose OUTPUT enters the blocks, module whose INPUT leaves them): residual capture."""
+    def blocks_exit(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The module whose INPUT leaves the blocks: with ``embed``'s hidden states (what enters them),
+        the blocks' residual."""
 
     def probe(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """A leaf inside the last block that runs only when diffusers' hooks compute the step."""
@@ -119,6 +130,10 @@ class StepCache(ABC):
         """Forget the state of requests that ended (finished, failed or aborted)."""
 
     @abstractmethod
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop the state of these row keys (those not held are ignored)."""
+
+    @abstractmethod
     def live_keys(self) -> set[str]:
         """Row keys that hold state now (tests check nothing leaks)."""
 
@@ -156,15 +171,16 @@ class TeaCache(StepCache):
         skip = [i for i in range(len(rows)) if i not in compute]
         outputs: list[torch.Tensor | None] = [None] * len(rows)
         if compute:
-            with self._capture_residual() as captured:
+            with self._capture_exit() as captured:
                 out = self.transformer(**select_rows(inputs, self.adapter.row_inputs, compute), return_dict=False)[0]
             for j, i in enumerate(compute):
                 outputs[i] = out[j : j + 1]
-                self.rows[rows[i].key].residual = captured["after"][j : j + 1] - captured["before"][j : j + 1]
+                self.rows[rows[i].key].residual = captured["after"][j : j + 1] - hidden[i : i + 1]
         if skip:
             index = torch.tensor(skip, device=hidden.device)
             residual = torch.cat([self.rows[rows[i].key].residual for i in skip])  # type: ignore[misc]
-            head = self.adapter.head(self.transformer, hidden[index] + residual, temb[index])
+            skipped = select_rows(inputs, self.adapter.row_inputs, skip)
+            head = self.adapter.head(self.transformer, hidden[index] + residual, temb[index], skipped)
             for j, i in enumerate(skip):
                 outputs[i] = head[j : j + 1]
         for row in rows:
@@ -181,7 +197,9 @@ class TeaCache(StepCache):
             return True
         change = ((modulated - state.previous_modulated).abs().mean() / state.previous_modulated.abs().mean()).item()
         state.previous_modulated = modulated
-        state.accumulated += _polyval(self._poly, change)
+        # a distance is never negative: a polynomial fitted on a range may dip below 0 outside it (Wan's does
+        # near 0), and a negative step must not let threshold 0 skip
+        state.accumulated += max(0.0, _polyval(self._poly, change))
         threshold = self.config.rel_l1_thresh if row.threshold is None else row.threshold
         if row.is_last or state.accumulated >= threshold:
             state.accumulated = 0.0
@@ -189,23 +207,22 @@ class TeaCache(StepCache):
         return False
 
     @contextlib.contextmanager
-    def _capture_residual(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _capture_exit(self) -> Iterator[dict[str, torch.Tensor]]:
         captured: dict[str, torch.Tensor] = {}
-        entry, exit_ = self.adapter.block_io_modules(self.transformer)
-        handles = [
-            entry.register_forward_hook(lambda _m, _a, out: captured.__setitem__("before", out)),
-            exit_.register_forward_pre_hook(lambda _m, args: captured.__setitem__("after", args[0])),
-        ]
+        exit_ = self.adapter.blocks_exit(self.transformer)
+        handle = exit_.register_forward_pre_hook(lambda _m, args: captured.__setitem__("after", args[0]))
         try:
             yield captured
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
 
     def release(self, request_ids: Sequence[str]) -> None:
         ended = set(request_ids)
-        for key in [k for k in self.rows if k.rsplit("/", 1)[0] in ended]:
-            del self.rows[key]
+        self.forget([k for k in self.rows if k.rsplit("/", 1)[0] in ended])
+
+    def forget(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.rows.pop(key, None)
 
     def live_keys(self) -> set[str]:
         return set(self.rows)
@@ -247,6 +264,8 @@ class DiffusersStepCache(StepCache):
                 self._fit_mag_ratios(row.num_steps)
             before = self._probe_calls
             with self.transformer.cache_context(row.key):
+                if row.key not in self._keys and isinstance(self.settings, MagCacheSettings):
+                    self._start_mag_cache_at(row.step_index)
                 single = select_rows(inputs, self.adapter.row_inputs, [i])
                 outputs.append(self.transformer(**single, return_dict=False)[0])
             computed += self._probe_calls > before
@@ -278,6 +297,13 @@ class DiffusersStepCache(StepCache):
             ratios = self.settings.mag_ratios or self.adapter.mag_ratios
             config.mag_ratios = nearest_interp(torch.tensor(ratios), num_steps)
 
+    def _start_mag_cache_at(self, step_index: int) -> None:
+        """A row arriving mid-schedule (from another expert): MagCache's own step counter, which picks the
+        ratio and the retention phase, starts at the row's step instead of 0. Its residual is empty, so
+        this step computes."""
+        for hook in self._hooks:
+            hook.state_manager.get_state().step_index = step_index  # the context cache_context just set
+
     def _forget(self, key: str) -> None:
         """Drop one context's hook state (diffusers' StateManager keeps one per cache_context name)."""
         from diffusers.hooks.hooks import HookRegistry, StateManager
@@ -292,8 +318,12 @@ class DiffusersStepCache(StepCache):
 
     def release(self, request_ids: Sequence[str]) -> None:
         ended = set(request_ids)
-        for key in [k for k in self._keys if k.rsplit("/", 1)[0] in ended]:
-            self._forget(key)
+        self.forget([k for k in self._keys if k.rsplit("/", 1)[0] in ended])
+
+    def forget(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            if key in self._keys:
+                self._forget(key)
 
     def live_keys(self) -> set[str]:
         return set(self._keys)
@@ -336,17 +366,56 @@ def _diffusers_config(config: StepCacheConfig, adapter: StepCacheAdapter) -> Any
             disable_cache_before_step=config.disable_cache_before_step,
             max_order=config.max_order,
             taylor_factors_dtype=torch.float32,  # exactness at interval 1 and CPU float32 parity
+            cache_identifiers=None if adapter.taylorseer_identifiers is None else list(adapter.taylorseer_identifiers),
         )
     raise TypeError(f"not a diffusers cache config: {config!r}")
 
 
+class StepCaches:
+    """One ``StepCache`` per transformer of a family (Wan2.2 A14B: the high- and the low-noise expert);
+    ``forward(rows, inputs, expert)`` replaces the call of transformer ``expert``."""
+
+    def __init__(self, caches: Sequence[StepCache]):
+        self.caches = list(caches)
+        self.backend = self.caches[0].backend
+
+    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any], expert: int = 0) -> torch.Tensor:
+        # a row's state belongs to the transformer serving it: one moving on leaves nothing behind, and
+        # starts afresh in the next one (its first step there computes)
+        keys = [row.key for row in rows]
+        for index, cache in enumerate(self.caches):
+            if index != expert:
+                cache.forget(keys)
+        return self.caches[expert].forward(rows, inputs)
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        for cache in self.caches:
+            cache.release(request_ids)
+
+    def live_keys(self) -> set[str]:
+        """Row keys holding state in any of the caches."""
+        return set().union(*(cache.live_keys() for cache in self.caches))
+
+    @property
+    def skipped(self) -> int:
+        return sum(cache.skipped for cache in self.caches)
+
+    @property
+    def computed(self) -> int:
+        return sum(cache.computed for cache in self.caches)
+
+
 def apply_step_cache(
-    transformer: torch.nn.Module, adapter: StepCacheAdapter, config: StepCacheConfig, observer: AccelerationObserver
-) -> StepCache:
+    transformers: Sequence[torch.nn.Module],
+    adapter: StepCacheAdapter,
+    config: StepCacheConfig,
+    observer: AccelerationObserver,
+) -> StepCaches:
+    """A cache of the configured backend on each of the family's transformers, in their order."""
     if isinstance(config, TeaCacheConfig):
-        return TeaCache(transformer, adapter, observer, config)
+        return StepCaches([TeaCache(t, adapter, observer, config) for t in transformers])
     backend = next(name for name, field in _BACKEND_OF.items() if isinstance(config, field))
-    return DiffusersStepCache(transformer, adapter, observer, backend, config)
+    return StepCaches([DiffusersStepCache(t, adapter, observer, backend, config) for t in transformers])
 
 
 _BACKEND_OF: dict[str, type] = {

@@ -86,35 +86,69 @@ def build_components(cfg: TrainConfig) -> dict[str, object]:
     torch.manual_seed(cfg.seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=d, intermediate_size=2 * d, projection_dim=d,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=d,
+            intermediate_size=2 * d,
+            projection_dim=d,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(
-            vocab_size=len(tokenizer_2), d_model=d, d_kv=d // 2, d_ff=2 * d, num_layers=2, num_heads=2,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id,
+            vocab_size=len(tokenizer_2),
+            d_model=d,
+            d_kv=d // 2,
+            d_ff=2 * d,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
         )
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels), block_out_channels=cfg.vae_channels,
-        layers_per_block=1, latent_channels=16, norm_num_groups=cfg.vae_groups, sample_size=shapes.SIZE,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,  # fully convolutional
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=cfg.vae_groups,
+        sample_size=shapes.SIZE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,  # fully convolutional
     )
     heads = cfg.hidden // 32
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=cfg.layers, num_single_layers=cfg.single_layers,
-        attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=d, pooled_projection_dim=d,
-        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+        patch_size=1,
+        in_channels=64,
+        num_layers=cfg.layers,
+        num_single_layers=cfg.single_layers,
+        attention_head_dim=32,
+        num_attention_heads=heads,
+        joint_attention_dim=d,
+        pooled_projection_dim=d,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
     )
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
-        "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
     }
 
 

@@ -70,7 +70,8 @@ class PipelineStages(ABC):
     # Name of the decoded output: "image" (uint8 [H, W, 3]) or "video" (uint8 [frames, H, W, 3]); DESIGN section 4.
     output_name: ClassVar[str] = "image"
     # Set by omni_backend.runner.acceleration when cache_backend is configured; ``denoise`` calls
-    # ``step_cache.forward(rows, inputs)`` instead of the transformer (omni_backend/cache/step_cache.py).
+    # ``step_cache.forward(rows, inputs)`` instead of the transformer (``forward(rows, inputs, expert)`` for
+    # one of several transformers; omni_backend/cache/step_cache.py).
     step_cache: Any = None
     device: torch.device  # where the stages compute (set by ``load``; offload loads to the host first)
 

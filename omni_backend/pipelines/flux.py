@@ -337,6 +337,7 @@ class FluxCacheAdapter:
     # TeaCache's rescale polynomial for FLUX.1, fitted by its authors (ali-vilab/TeaCache, TeaCache4FLUX)
     tea_cache_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
     mag_ratios = tuple(FLUX_MAG_RATIOS.tolist())  # diffusers' calibration for FLUX.1-dev / schnell
+    taylorseer_identifiers = None  # diffusers' defaults find FLUX's attention modules
 
     def embed(self, transformer: FluxTransformer2DModel, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         # the first lines of FluxTransformer2DModel.forward
@@ -352,11 +353,11 @@ class FluxCacheAdapter:
     def modulated_input(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, temb: torch.Tensor):
         return transformer.transformer_blocks[0].norm1(hidden, emb=temb)[0]
 
-    def head(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def head(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor, temb: torch.Tensor, inputs: dict):
         return transformer.proj_out(transformer.norm_out(hidden, temb))
 
-    def block_io_modules(self, transformer: FluxTransformer2DModel) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return transformer.x_embedder, transformer.norm_out
+    def blocks_exit(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
+        return transformer.norm_out
 
     def probe(self, transformer: FluxTransformer2DModel) -> torch.nn.Module:
         return transformer.single_transformer_blocks[-1].attn.to_q

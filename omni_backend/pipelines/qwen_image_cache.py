@@ -36,6 +36,7 @@ class QwenImageCacheAdapter:
     )
     tea_cache_coefficients = FluxCacheAdapter.tea_cache_coefficients  # none published for Qwen-Image
     mag_ratios = FluxCacheAdapter.mag_ratios  # none published for Qwen-Image
+    taylorseer_identifiers = None  # diffusers' defaults find its attention modules
 
     def __init__(self, transformer: QwenImageTransformer2DModel):
         # zero_cond_t (Qwen-Image-Edit-2511) doubles the timestep rows and modulates the input image's
@@ -57,11 +58,11 @@ class QwenImageCacheAdapter:
         img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
         return block._modulate(block.img_norm1(hidden), img_mod1)[0]
 
-    def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def head(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor, inputs: dict):
         return transformer.proj_out(transformer.norm_out(hidden, temb))
 
-    def block_io_modules(self, transformer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return transformer.img_in, transformer.norm_out
+    def blocks_exit(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        return transformer.norm_out
 
     def probe(self, transformer: torch.nn.Module) -> torch.nn.Module:
         return transformer.transformer_blocks[-1].attn.to_q

@@ -27,11 +27,13 @@ from omni_backend.lora.adapter import DiffusersLoraAdapter
 from omni_backend.lora.names import TRANSFORMER_2_WEIGHTS_FILE, WEIGHTS_FILE
 from omni_backend.pipelines.base import Component, Conditioning, DenoiseState, PipelineStages, load_pipeline
 from omni_backend.pipelines.common import (
+    cache_row,
     embeddings_from_arrays,
     encode_with_classic_cfg,
     loaded_groups,
     tensor_from_array,
 )
+from omni_backend.pipelines.wan_cache import WAN_T2V_TEA_CACHE, WanCacheAdapter
 from omni_backend.request import DiffusionRequest, InvalidRequestError, SamplingDefaults, SamplingParams
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens; WanPipeline's default
@@ -127,6 +129,9 @@ class WanT2VStages(PipelineStages):
         negative = (request.negative_prompt or "") if request.params.guidance_scale > 1 else None
         return (request.prompt, negative, self.options.max_sequence_length)
 
+    def step_cache_adapter(self) -> WanCacheAdapter:
+        return WanCacheAdapter(WAN_T2V_TEA_CACHE)
+
     def lora_adapter(self) -> DiffusersLoraAdapter:
         # WanLoraLoaderMixin: one file per expert, as load_lora_weights(..., load_into_transformer_2=True)
         # loads the low-noise expert's (omni_backend/lora/adapter.py). load_lora_weights' T2V-to-I2V
@@ -214,8 +219,12 @@ class WanT2VStages(PipelineStages):
             group = [i for i, s in enumerate(wan_states) if self.expert_index(s) == expert]
             if group:
                 group_states = [wan_states[i] for i in group]
-                inputs = self.transformer_inputs(self.denoise_rows(group_states))
-                noise = model(**inputs, return_dict=False)[0]
+                rows = self.denoise_rows(group_states)
+                inputs = self.transformer_inputs(rows)
+                if self.step_cache is not None:  # one cache per expert
+                    noise = self.step_cache.forward([cache_row(s, bool(p)) for s, p in rows], inputs, expert)
+                else:
+                    noise = model(**inputs, return_dict=False)[0]
                 for i, pred in zip(group, self.combine_rows(group_states, noise), strict=True):
                     preds[i] = pred
         return preds  # type: ignore[return-value]

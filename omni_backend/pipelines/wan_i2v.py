@@ -36,6 +36,7 @@ from omni_backend.config import ConfigError, RequestLimits
 from omni_backend.pipelines.base import Component, Conditioning
 from omni_backend.pipelines.common import input_image_key, tensor_from_array, with_vae_in_encode
 from omni_backend.pipelines.wan import WanState, WanT2VStages
+from omni_backend.pipelines.wan_cache import WAN_I2V_TEA_CACHE, WanCacheAdapter
 from omni_backend.request import (
     DiffusionRequest,
     InvalidRequestError,
@@ -73,6 +74,9 @@ class WanI2VStages(WanT2VStages):
 
     def module_groups(self) -> dict[str, list[torch.nn.Module]]:
         return with_vae_in_encode(super().module_groups(), self.pipe.vae)
+
+    def step_cache_adapter(self) -> WanCacheAdapter:
+        return WanCacheAdapter(WAN_I2V_TEA_CACHE)
 
     def encode_key(self, request: DiffusionRequest) -> Hashable:
         # encode also builds the image condition: the image resized to the output size, over its frames

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from omni_backend.cache.prompt_cache import PromptEmbedCache
-from omni_backend.cache.step_cache import StepCache, apply_step_cache
+from omni_backend.cache.step_cache import StepCaches, apply_step_cache
 from omni_backend.config import ConfigError, ModelConfig
 from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.offload.offload import ModelOffloader, _nbytes, apply_layerwise_offload
@@ -30,7 +30,7 @@ class Acceleration:
     """What was applied (tests and benchmarks read the counters)."""
 
     offloader: ModelOffloader | None = None
-    step_cache: StepCache | None = None
+    step_cache: StepCaches | None = None
     prompt_cache: PromptEmbedCache | None = None
 
 
@@ -46,13 +46,9 @@ def apply_acceleration(
             _apply_vae_options(stages, accel.vae_tiling, accel.vae_slicing)
         wants_transformer = config.step_cache is not None or accel.compile != "none"
         transformers = stages.module_groups().get("transformer", []) if wants_transformer else []
-        if config.step_cache is not None and transformers:
+        if config.step_cache is not None and transformers:  # one cache per expert of a mixture (Wan2.2 A14B)
             adapter = stages.step_cache_adapter()
-            if len(transformers) > 1:
-                raise ConfigError(
-                    f"{config.family}: step caches serve one transformer, the family has {len(transformers)}"
-                )
-            applied.step_cache = apply_step_cache(transformers[0], adapter, config.step_cache, observer)
+            applied.step_cache = apply_step_cache(transformers, adapter, config.step_cache, observer)
             stages.step_cache = applied.step_cache
         if accel.compile == "regional":
             for transformer in transformers:  # every expert of a mixture (Wan2.2 A14B)
