@@ -26,121 +26,22 @@ it, and a row moving on to the next transformer starts afresh there (its first s
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import torch
 
+from omni_backend.cache.base import CacheRow, StepCache, StepCacheAdapter, select_rows
 from omni_backend.cache.config import (
-    THRESHOLD_FIELD,
     FirstBlockCacheSettings,
     MagCacheSettings,
     StepCacheConfig,
     TaylorSeerSettings,
     TeaCacheConfig,
 )
-from omni_backend.config import ConfigError
+from omni_backend.cache.diffusers_cache import DiffusersStepCache
 from omni_backend.engine.observer import AccelerationObserver
-
-
-@dataclass(frozen=True)
-class CacheRow:
-    """One row of a transformer call, as the cache sees it."""
-
-    request_id: str
-    branch: str  # "cond" or "uncond" (true-CFG negative branch): separate state, separate decisions
-    step_index: int  # this request's step, 0-based
-    num_steps: int
-    threshold: float | None  # the request's cache_threshold override, None: the configured one
-
-    @property
-    def key(self) -> str:
-        return f"{self.request_id}/{self.branch}"
-
-    @property
-    def is_last(self) -> bool:
-        return self.step_index == self.num_steps - 1
-
-
-class StepCacheAdapter(Protocol):
-    """What a family tells the caches about its transformer (implemented in pipelines/<family>.py)."""
-
-    row_inputs: tuple[str, ...]  # transformer kwargs that carry one row per CacheRow (tensors, lists or None)
-    tea_cache_coefficients: tuple[float, ...]  # rescale polynomial of the relative L1 change, highest power first
-    mag_ratios: tuple[float, ...]  # MagCache magnitude ratios calibrated for the family
-    # modules TaylorSeer predicts (full-match regexes over module names), None: diffusers' defaults
-    taylorseer_identifiers: tuple[str, ...] | None
-
-    def embed(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states entering the first block, the timestep embedding)."""
-
-    def modulated_input(self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """The first block's modulated (normalised, shifted, scaled) input: TeaCache's change signal."""
-
-    def head(
-        self, transformer: torch.nn.Module, hidden: torch.Tensor, temb: torch.Tensor, inputs: dict[str, Any]
-    ) -> torch.Tensor:
-        """The output head applied to the hidden states leaving the last block (``inputs``: the same rows'
-        transformer kwargs, for heads that unpatchify to the input's shape)."""
-
-    def blocks_exit(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        """The module whose INPUT leaves the blocks: with ``embed``'s hidden states (what enters them),
-        the blocks' residual."""
-
-    def probe(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        """A leaf inside the last block that runs only when diffusers' hooks compute the step."""
-
-
-def select_rows(inputs: dict[str, Any], names: Sequence[str], index: Sequence[int]) -> dict[str, Any]:
-    """The transformer kwargs of a subset of rows. A row input is a tensor (rows on dim 0), a list or
-    tuple (one entry per row) or None (an optional input left out: stays None)."""
-    return {k: _pick(v, index) if k in names else v for k, v in inputs.items()}
-
-
-def _pick(value: Any, index: Sequence[int]) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, torch.tensor(list(index), dtype=torch.long, device=value.device))
-    if isinstance(value, list | tuple):
-        return type(value)(value[i] for i in index)
-    raise TypeError(f"a row input must be a tensor, a list, a tuple or None, not {type(value).__name__}")
-
-
-class StepCache(ABC):
-    """A step cache applied to one transformer; ``forward`` replaces the plain transformer call."""
-
-    backend: ClassVar[str]
-
-    def __init__(self, transformer: torch.nn.Module, adapter: StepCacheAdapter, observer: AccelerationObserver):
-        self.transformer = transformer
-        self.adapter = adapter
-        self.observer = observer
-        self.skipped = 0  # rows served without the full transformer, since load
-        self.computed = 0
-
-    @abstractmethod
-    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any]) -> torch.Tensor:
-        """The transformer output (first element of its tuple) for ``rows``, skipping what the cache allows."""
-
-    @abstractmethod
-    def release(self, request_ids: Sequence[str]) -> None:
-        """Forget the state of requests that ended (finished, failed or aborted)."""
-
-    @abstractmethod
-    def forget(self, keys: Sequence[str]) -> None:
-        """Drop the state of these row keys (those not held are ignored)."""
-
-    @abstractmethod
-    def live_keys(self) -> set[str]:
-        """Row keys that hold state now (tests check nothing leaks)."""
-
-    def _count(self, skipped: int, computed: int) -> None:
-        self.skipped += skipped
-        self.computed += computed
-        self.observer.on_cache_steps(skipped, computed)
 
 
 @dataclass
@@ -233,142 +134,6 @@ def _polyval(coefficients: Sequence[float], x: float) -> float:
     for c in coefficients:
         result = result * x + c
     return result
-
-
-class DiffusersStepCache(StepCache):
-    """diffusers' cache hooks, one transformer call per row inside ``cache_context(row key)``."""
-
-    def __init__(self, transformer, adapter, observer, backend: str, config: StepCacheConfig):
-        super().__init__(transformer, adapter, observer)
-        self.backend = backend  # type: ignore[misc]
-        self.settings = config
-        self._diffusers_config = _diffusers_config(config, adapter)
-        transformer.enable_cache(self._diffusers_config)
-        self._hooks = _threshold_hooks(transformer, backend)
-        self._keys: set[str] = set()
-        self._probe_calls = 0
-        adapter.probe(transformer).register_forward_hook(self._probed)
-
-    def _probed(self, *_: object) -> None:
-        self._probe_calls += 1
-
-    @torch.inference_mode()
-    def forward(self, rows: Sequence[CacheRow], inputs: dict[str, Any]) -> torch.Tensor:
-        outputs = []
-        computed = 0
-        for i, row in enumerate(rows):
-            if row.step_index == 0:
-                self._forget(row.key)  # a request starting: fresh state
-            self._set_threshold(row)
-            if isinstance(self.settings, MagCacheSettings):
-                self._fit_mag_ratios(row.num_steps)
-            before = self._probe_calls
-            with self.transformer.cache_context(row.key):
-                if row.key not in self._keys and isinstance(self.settings, MagCacheSettings):
-                    self._start_mag_cache_at(row.step_index)
-                single = select_rows(inputs, self.adapter.row_inputs, [i])
-                outputs.append(self.transformer(**single, return_dict=False)[0])
-            computed += self._probe_calls > before
-            self._keys.add(row.key)
-            if row.is_last:
-                self._forget(row.key)
-        self._count(len(rows) - computed, computed)
-        return torch.cat(outputs)
-
-    def _set_threshold(self, row: CacheRow) -> None:
-        field_name = THRESHOLD_FIELD.get(self.backend)
-        if field_name is None:
-            return
-        value = getattr(self.settings, field_name) if row.threshold is None else row.threshold
-        if value == 0 and isinstance(self.settings, MagCacheSettings):
-            value = -1.0  # MagCache skips while error <= threshold: at 0 it would still skip error-free steps
-        for hook in self._hooks:
-            target = hook.config if isinstance(self.settings, MagCacheSettings) else hook
-            target.threshold = value
-
-    def _fit_mag_ratios(self, num_steps: int) -> None:
-        """MagCache's ratios are per step of a fixed schedule: stretch them to this request's step count."""
-        from diffusers.hooks.mag_cache import nearest_interp
-
-        config = self._diffusers_config
-        if config.num_inference_steps != num_steps:
-            config.num_inference_steps = num_steps
-            assert isinstance(self.settings, MagCacheSettings)
-            ratios = self.settings.mag_ratios or self.adapter.mag_ratios
-            config.mag_ratios = nearest_interp(torch.tensor(ratios), num_steps)
-
-    def _start_mag_cache_at(self, step_index: int) -> None:
-        """A row arriving mid-schedule (from another expert): MagCache's own step counter, which picks the
-        ratio and the retention phase, starts at the row's step instead of 0. Its residual is empty, so
-        this step computes."""
-        for hook in self._hooks:
-            hook.state_manager.get_state().step_index = step_index  # the context cache_context just set
-
-    def _forget(self, key: str) -> None:
-        """Drop one context's hook state (diffusers' StateManager keeps one per cache_context name)."""
-        from diffusers.hooks.hooks import HookRegistry, StateManager
-
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        for child in (registry, *registry._get_child_registries()):
-            for hook in child.hooks.values():
-                for attr in vars(hook).values():
-                    if isinstance(attr, StateManager):
-                        attr._state_cache.pop(key, None)  # no public per-context reset in diffusers 0.42
-        self._keys.discard(key)
-
-    def release(self, request_ids: Sequence[str]) -> None:
-        ended = set(request_ids)
-        self.forget([k for k in self._keys if k.rsplit("/", 1)[0] in ended])
-
-    def forget(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            if key in self._keys:
-                self._forget(key)
-
-    def live_keys(self) -> set[str]:
-        return set(self._keys)
-
-
-def _threshold_hooks(transformer: torch.nn.Module, backend: str) -> list[Any]:
-    """The hooks whose threshold a request may override: FBC's head hook (``.threshold``), MagCache's
-    head hook (``.config.threshold``, a config object its block hooks share)."""
-    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
-    from diffusers.hooks.hooks import HookRegistry
-    from diffusers.hooks.mag_cache import MagCacheHeadHook
-
-    kind = {"first_block_cache": FBCHeadBlockHook, "mag_cache": MagCacheHeadHook}.get(backend)
-    if kind is None:
-        return []
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    children = (registry, *registry._get_child_registries())
-    return [hook for child in children for hook in child.hooks.values() if isinstance(hook, kind)]
-
-
-def _diffusers_config(config: StepCacheConfig, adapter: StepCacheAdapter) -> Any:
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-
-    if isinstance(config, FirstBlockCacheSettings):
-        return FirstBlockCacheConfig(threshold=config.threshold)
-    if isinstance(config, MagCacheSettings):
-        ratios = list(config.mag_ratios or adapter.mag_ratios)
-        return MagCacheConfig(
-            threshold=config.threshold,
-            max_skip_steps=config.max_skip_steps,
-            retention_ratio=config.retention_ratio,
-            num_inference_steps=len(ratios),
-            mag_ratios=ratios,
-        )
-    if isinstance(config, TaylorSeerSettings):
-        if config.cache_interval < 1:
-            raise ConfigError("cache_config.cache_interval: must be at least 1")
-        return TaylorSeerCacheConfig(
-            cache_interval=config.cache_interval,
-            disable_cache_before_step=config.disable_cache_before_step,
-            max_order=config.max_order,
-            taylor_factors_dtype=torch.float32,  # exactness at interval 1 and CPU float32 parity
-            cache_identifiers=None if adapter.taylorseer_identifiers is None else list(adapter.taylorseer_identifiers),
-        )
-    raise TypeError(f"not a diffusers cache config: {config!r}")
 
 
 class StepCaches:

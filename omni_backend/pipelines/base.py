@@ -86,7 +86,7 @@ class PipelineStages(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support the prompt-embedding cache")
 
     def step_cache_adapter(self) -> Any:
-        """The family's StepCacheAdapter (omni_backend/cache/step_cache.py)."""
+        """The family's StepCacheAdapter (omni_backend/cache/base.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not support step caches")
 
     def lora_adapter(self) -> Any:

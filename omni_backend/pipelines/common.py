@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from omni_backend.cache.step_cache import CacheRow
+from omni_backend.cache.base import CacheRow
 from omni_backend.pipelines.base import Conditioning, DenoiseState
 from omni_backend.request import DiffusionRequest, InvalidRequestError
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_backend.cache.step_cache import select_rows
+from omni_backend.cache.base import select_rows
 from omni_backend.config import parse_model_config
 from omni_backend.pipelines.base import Component
 from omni_backend.registry import resolve_family
@@ -141,7 +141,7 @@ def test_diffusers_hooks_match_diffusers_pipeline(family, backend):
     from PIL import Image
 
     from omni_backend.cache.config import parse_cache_config
-    from omni_backend.cache.step_cache import _diffusers_config
+    from omni_backend.cache.diffusers_cache import _diffusers_config
     from omni_backend.pipelines.qwen_image_edit import load_processor
 
     name, checkpoint, _, _ = family

@@ -107,7 +107,7 @@ def test_diffusers_hooks_match_diffusers_flux_pipeline(tiny_flux, backend):
     from diffusers import FluxPipeline
 
     from omni_backend.cache.config import parse_cache_config
-    from omni_backend.cache.step_cache import _diffusers_config
+    from omni_backend.cache.diffusers_cache import _diffusers_config
 
     stages, applied, observer = load(tiny_flux, cache_backend=backend, cache_config=json.dumps(LARGE[backend]))
     prompt, seed, _, _, steps = MIXED[0]

@@ -146,7 +146,7 @@ def test_diffusers_hooks_match_diffusers_wan_pipeline(tiny_wan22_t2v, backend):
     from diffusers import WanPipeline
 
     from omni_backend.cache.config import parse_cache_config
-    from omni_backend.cache.step_cache import _diffusers_config
+    from omni_backend.cache.diffusers_cache import _diffusers_config
 
     stages, _, observer = load_cached(tiny_wan22_t2v, "wan22_t2v", backend, LARGE[backend])
     prompt, negative, cfg, steps = case = ("a dog", "blurry", 4.0, 5)
