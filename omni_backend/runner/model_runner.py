@@ -53,7 +53,7 @@ def _preview_due(state: DenoiseState) -> bool:
     return every > 0 and step % every == 0 and step < len(state.timesteps)  # the last step sends the image
 
 
-def _downscale(pixels: np.ndarray) -> np.ndarray:
+def downscale_preview(pixels: np.ndarray) -> np.ndarray:
     """An image [H, W, 3], or each frame of a video [frames, H, W, 3], at most PREVIEW_MAX_SIDE on its long side."""
     height, width = pixels.shape[-3:-1]
     scale = PREVIEW_MAX_SIDE / max(height, width)
@@ -181,7 +181,9 @@ class ModelRunner:
         if previewed:
             try:
                 images = self.stages.decode(clean)
-                previews = {s.request.request_id: _downscale(img) for s, img in zip(previewed, images, strict=True)}
+                previews = {
+                    s.request.request_id: downscale_preview(img) for s, img in zip(previewed, images, strict=True)
+                }
             except Exception:  # a preview is best effort: the request itself goes on
                 logger.exception("preview decoding failed")
         for state in running:

@@ -17,7 +17,7 @@ from omni_backend.engine.scheduler import QueueFullError
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, SamplingParams
-from omni_backend.runner.model_runner import PREVIEW_MAX_SIDE, ModelRunner, RunnerOutput, _downscale
+from omni_backend.runner.model_runner import PREVIEW_MAX_SIDE, ModelRunner, RunnerOutput, downscale_preview
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +166,13 @@ def test_previews_are_downscaled_frame_by_frame():
     """Images and videos alike: at most PREVIEW_MAX_SIDE on the long side, frames kept, small ones untouched."""
     rng = np.random.default_rng(0)
     video = rng.integers(0, 256, (3, 300, 600, 3), dtype=np.uint8)
-    small = _downscale(video)
+    small = downscale_preview(video)
     assert small.shape == (3, 128, PREVIEW_MAX_SIDE, 3) and small.dtype == np.uint8
     for frame in range(3):
-        assert np.array_equal(small[frame], _downscale(video[frame]))  # each frame as an image preview
-    assert _downscale(video[0]).shape == (128, PREVIEW_MAX_SIDE, 3)
+        assert np.array_equal(small[frame], downscale_preview(video[frame]))  # each frame as an image preview
+    assert downscale_preview(video[0]).shape == (128, PREVIEW_MAX_SIDE, 3)
     tiny = video[:, :32, :48]
-    assert _downscale(tiny) is tiny
+    assert downscale_preview(tiny) is tiny
 
 
 class BrokenObserver(EngineObserver):
