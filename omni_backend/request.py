@@ -83,7 +83,7 @@ class DiffusionRequest:
     conditioning: dict[str, Any] | None = None
     lora: LoraSelection | None = None  # None: the base weights
     input_image: np.ndarray | None = None  # uint8 [H, W, 3] RGB of edit / image-to-video families
-    preview_every: int = 0  # stream a preview image every N steps (0: none)
+    preview_every: int = 0  # stream a preview (image or video) every N steps (0: none)
     queue_deadline: float | None = None  # time.monotonic() by which it must have started, else it fails
     arrival_time: float = field(default_factory=time.monotonic)
 

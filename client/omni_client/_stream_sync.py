@@ -70,7 +70,7 @@ class StreamingMixin(ClientSettings):
         timeout: float | None = None,
         **params: Any,
     ) -> Any:
-        """Generates one image with a streaming model, reporting progress as it goes (gRPC only).
+        """Generates one image (or video) with a streaming model, reporting progress as it goes (gRPC only).
 
         Args:
             prompt: Prompt text, or a complete :class:`GenerationRequest`.
@@ -83,7 +83,7 @@ class StreamingMixin(ClientSettings):
             **params: Other :class:`GenerationRequest` fields (``height``, ``seed``, ...).
 
         Returns:
-            The generated image.
+            The generated image (or video).
 
         Raises:
             InvalidRequestError: If the arguments are invalid or the client uses HTTP.

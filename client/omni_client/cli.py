@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview-every", type=_positive_int, metavar="N", help="ask for a preview every N steps (needs --preview-dir)"
     )
     stream.add_argument(
-        "--preview-dir", type=Path, metavar="DIR", help="save previews as DIR/step_0003.png (every step by default)"
+        "--preview-dir",
+        type=Path,
+        metavar="DIR",
+        help="save previews as DIR/step_0003.png (video models: DIR/step_0003.gif; every step by default)",
     )
     gen.set_defaults(func=cmd_generate)
 
@@ -140,7 +143,7 @@ def _generate_streaming(client: OmniClient, args: argparse.Namespace, params: di
 
     def on_progress(update: StepUpdate) -> None:
         if preview_dir is not None and update.preview is not None:
-            Image.fromarray(np.asarray(update.preview), "RGB").save(preview_dir / f"step_{update.step:04d}.png")
+            _save_preview(np.asarray(update.preview), preview_dir / f"step_{update.step:04d}", args.fps)
         bar.update(update.step, update.total_steps)
 
     every = args.preview_every or (1 if preview_dir is not None else None)
@@ -150,6 +153,14 @@ def _generate_streaming(client: OmniClient, args: argparse.Namespace, params: di
         )
     finally:
         bar.close()
+
+
+def _save_preview(preview: np.ndarray, stem: Path, fps: float) -> None:
+    """An image preview as ``stem.png``; a video preview (``preview_video``) as an animated ``stem.gif``."""
+    if preview.ndim == 3:
+        Image.fromarray(preview, "RGB").save(stem.with_suffix(".png"))
+    else:
+        _save(preview, stem.with_suffix(".gif"), fps)
 
 
 def _save(result: Image.Image | list[Image.Image] | np.ndarray, out: Path, fps: float) -> tuple[Path, str]:

@@ -1,10 +1,11 @@
-"""Streaming generation with decoupled models (e.g. ``flux_stream``) over gRPC.
+"""Streaming generation with decoupled models (e.g. ``flux_stream``, ``wan22_t2v_stream``) over gRPC.
 
 Protocol of a streaming model, per request: one response per denoising step with ``step``
-(steps done, 1..N) and ``total_steps`` (INT32 ``[1, 1]``), plus ``preview`` (UINT8
-``[1, h, w, 3]``) on the steps where a preview was asked (input ``preview_every``, INT32
-``[1, 1]``); then a last response with ``image`` (UINT8 ``[1, H, W, 3]``), flagged final. Errors
-end the request. Only gRPC can stream (Triton's HTTP endpoint cannot).
+(steps done, 1..N) and ``total_steps`` (INT32 ``[1, 1]``), plus a preview on the steps where one
+was asked (input ``preview_every``, INT32 ``[1, 1]``): ``preview`` (UINT8 ``[1, h, w, 3]``) from
+image models, ``preview_video`` (UINT8 ``[1, frames, h, w, 3]``) from video models; then a last
+response with ``image`` (UINT8 ``[1, H, W, 3]``) or ``video`` (UINT8 ``[1, F, H, W, 3]``),
+flagged final. Errors end the request. Only gRPC can stream (Triton's HTTP endpoint cannot).
 
 :class:`StreamAssembler` turns these raw responses into :class:`StepUpdate` and
 :class:`FinalImage` items; the clients use it with ``tritonclient``'s stream APIs.
@@ -18,15 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from .errors import InvalidRequestError, OmniClientError
 from .request import GenerationRequest, build_inputs
-from .results import OutputFormat, convert_output, unbatch_rgb
+from .results import OUTPUT_RANKS, GenerationOutput, OutputFormat, convert_output, unbatch_rgb
 
 #: The extra input of streaming models: a preview every N steps (0 or absent: none).
 PREVIEW_EVERY_INPUT = "preview_every"
+#: Preview output names and the rank of one (unbatched) preview, as ``OUTPUT_RANKS`` for the outputs.
+PREVIEW_RANKS: dict[str, int] = {"preview_video": 4, "preview": 3}
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,14 @@ class StepUpdate:
     Attributes:
         step: Number of denoising steps done (1..``total_steps``).
         total_steps: Total number of denoising steps.
-        preview: Downscaled preview (``PIL.Image``, or ``uint8 [h, w, 3]`` with
-            ``output="numpy"``) on the steps where one was asked, else None.
+        preview: Downscaled preview on the steps where one was asked, else None: an image
+            (``PIL.Image``, or ``uint8 [h, w, 3]`` with ``output="numpy"``) or, from a video
+            model, a video (a list of ``PIL.Image`` frames, or ``uint8 [frames, h, w, 3]``).
     """
 
     step: int
     total_steps: int
-    preview: Image.Image | np.ndarray | None = None
+    preview: GenerationOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,12 @@ class FinalImage:
     """The result of a streaming generation: the last item of :meth:`OmniClient.stream`.
 
     Attributes:
-        image: The generated image (``PIL.Image``, or ``uint8 [H, W, 3]`` with ``output="numpy"``).
+        image: The generated image (``PIL.Image``, or ``uint8 [H, W, 3]`` with ``output="numpy"``),
+            or video from a video model (a list of ``PIL.Image`` frames, or ``uint8 [F, H, W, 3]``).
         total_steps: Number of denoising steps, if the server reported it.
     """
 
-    image: Image.Image | np.ndarray
+    image: GenerationOutput
     total_steps: int | None = None
 
 
@@ -68,8 +72,8 @@ class StreamResponse:
     Attributes:
         step: ``step`` output, or None if absent.
         total_steps: ``total_steps`` output, or None if absent.
-        preview: ``preview`` as ``uint8 [h, w, 3]``, or None.
-        image: ``image`` as ``uint8 [H, W, 3]``, or None.
+        preview: ``preview`` as ``uint8 [h, w, 3]`` or ``preview_video`` as ``uint8 [frames, h, w, 3]``, or None.
+        image: ``image`` as ``uint8 [H, W, 3]`` or ``video`` as ``uint8 [F, H, W, 3]``, or None.
         final: The ``triton_final_response`` flag, or None if the response does not carry it.
     """
 
@@ -164,20 +168,27 @@ def parse_stream_response(result: Any) -> StreamResponse:
         result: ``tritonclient.grpc.InferResult``.
 
     Returns:
-        Its ``step``, ``total_steps``, ``preview``, ``image`` and final flag.
+        Its ``step``, ``total_steps``, preview, image (or video) and final flag.
 
     Raises:
         OmniClientError: If an output has an unexpected shape or dtype.
     """
-    preview = result.as_numpy("preview")
-    image = result.as_numpy("image")
     return StreamResponse(
         step=_scalar(result, "step"),
         total_steps=_scalar(result, "total_steps"),
-        preview=None if preview is None else unbatch_rgb(preview, "preview"),
-        image=None if image is None else unbatch_rgb(image, "image"),
+        preview=_pixels(result, PREVIEW_RANKS),
+        image=_pixels(result, OUTPUT_RANKS),
         final=final_flag(result),
     )
+
+
+def _pixels(result: Any, ranks: dict[str, int]) -> np.ndarray | None:
+    """The first of the ``ranks`` outputs present in ``result``, unbatched and checked; None if none is."""
+    for name, rank in ranks.items():
+        arr = result.as_numpy(name)
+        if arr is not None:
+            return unbatch_rgb(arr, name, rank)
+    return None
 
 
 class StreamAssembler:
@@ -188,7 +199,7 @@ class StreamAssembler:
     (the image response repeats ``step = total_steps``) unless it brings a preview.
 
     Args:
-        output: Format of previews and of the image, ``"pil"`` or ``"numpy"``.
+        output: Format of previews and of the image (or video), ``"pil"`` or ``"numpy"``.
     """
 
     def __init__(self, output: OutputFormat = "pil") -> None:
@@ -217,7 +228,7 @@ class StreamAssembler:
             items.append(StepUpdate(response.step, self._total, preview))
             self._last_step = response.step
         elif response.preview is not None and response.step is None:
-            raise OmniClientError("streaming response has a 'preview' output but no 'step'")
+            raise OmniClientError("streaming response has a preview output but no 'step'")
         if response.image is not None:
             self._image = response.image
         if response.final or (response.final is None and response.image is not None):
@@ -228,11 +239,11 @@ class StreamAssembler:
         """Ends the request (final flag, or end of the stream); returns ``[FinalImage]``.
 
         Raises:
-            OmniClientError: If no image was received.
+            OmniClientError: If no image (or video) was received.
         """
         if self.done:
             return []
         self.done = True
         if self._image is None:
-            raise OmniClientError("the stream ended without an 'image' output")
+            raise OmniClientError("the stream ended without an 'image' or 'video' output")
         return [FinalImage(convert_output(self._image, self.output), self._total)]

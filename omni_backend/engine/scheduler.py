@@ -68,7 +68,7 @@ class StepProgress:
     request_id: str
     step: int  # steps done, 1..total_steps
     total_steps: int
-    preview: object | None = None  # uint8 [h, w, 3] numpy image when a preview was due
+    preview: object | None = None  # uint8 numpy image [h, w, 3] (video: [frames, h, w, 3]) when a preview was due
 
 
 @dataclass

@@ -69,6 +69,9 @@ class PipelineStages(ABC):
     options_cls: ClassVar[type | None] = None
     # Name of the decoded output: "image" (uint8 [H, W, 3]) or "video" (uint8 [frames, H, W, 3]); DESIGN section 4.
     output_name: ClassVar[str] = "image"
+    # Name of a streaming model's preview output: "preview" for images, "preview_video" for videos
+    # (a tensor name never changes rank, as image/video in DESIGN section 4).
+    preview_name: ClassVar[str] = "preview"
     # Set by omni_backend.runner.acceleration when cache_backend is configured; ``denoise`` calls
     # ``step_cache.forward(rows, inputs)`` instead of the transformer (``forward(rows, inputs, expert)`` for
     # one of several transformers; omni_backend/cache/step_cache.py).

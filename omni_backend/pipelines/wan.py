@@ -57,6 +57,7 @@ class WanState(DenoiseState):
 class WanT2VStages(PipelineStages):
     options_cls = WanOptions
     output_name = "video"
+    preview_name = "preview_video"
     pipeline_cls: type = WanPipeline
 
     def __init__(self, pipe: Any, checkpoint: str, options: WanOptions, device: torch.device):

@@ -53,13 +53,16 @@ def _preview_due(state: DenoiseState) -> bool:
     return every > 0 and step % every == 0 and step < len(state.timesteps)  # the last step sends the image
 
 
-def _downscale(image: np.ndarray) -> np.ndarray:
-    height, width = image.shape[:2]
+def downscale_preview(pixels: np.ndarray) -> np.ndarray:
+    """An image [H, W, 3], or each frame of a video [frames, H, W, 3], at most PREVIEW_MAX_SIDE on its long side."""
+    height, width = pixels.shape[-3:-1]
     scale = PREVIEW_MAX_SIDE / max(height, width)
     if scale >= 1:
-        return image
+        return pixels
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    frames = pixels if pixels.ndim == 4 else pixels[None]
+    small = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in frames])
+    return small if pixels.ndim == 4 else small[0]
 
 
 def resolve_device(setting: str, instance_kind: str, device_id: int) -> torch.device:
@@ -178,7 +181,9 @@ class ModelRunner:
         if previewed:
             try:
                 images = self.stages.decode(clean)
-                previews = {s.request.request_id: _downscale(img) for s, img in zip(previewed, images, strict=True)}
+                previews = {
+                    s.request.request_id: downscale_preview(img) for s, img in zip(previewed, images, strict=True)
+                }
             except Exception:  # a preview is best effort: the request itself goes on
                 logger.exception("preview decoding failed")
         for state in running:

@@ -154,9 +154,10 @@ class PipelineModel(_EngineModel):
 class StreamingPipelineModel(PipelineModel):
     """Decoupled twin of ``PipelineModel`` (gRPC streaming): a response per step, then the image.
 
-    Each step sends ``step`` / ``total_steps`` and, every ``preview_every`` steps, a small
-    ``preview`` decoded from the clean latents predicted at that step. The last response carries
-    ``image`` (with ``step`` = ``total_steps``) and the final flag.
+    Each step sends ``step`` / ``total_steps`` and, every ``preview_every`` steps, a small preview
+    decoded from the clean latents predicted at that step, under the family's ``preview_name``
+    (``preview`` image, or ``preview_video`` for video families). The last response carries the
+    output (``image`` or ``video``, with ``step`` = ``total_steps``) and the final flag.
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -171,13 +172,14 @@ class StreamingPipelineModel(PipelineModel):
 
     def progress_callback(self, request: pb_utils.InferenceRequest) -> Callable[[StepProgress], None]:
         sender = request.get_response_sender()
+        preview_name = self.stages.preview_name
 
         def send(progress: StepProgress) -> None:
             if progress.step == progress.total_steps:
                 return  # the final response carries the last step with the image
             outputs = _step_outputs(progress.step, progress.total_steps)
             if progress.preview is not None:
-                outputs["preview"] = progress.preview
+                outputs[preview_name] = progress.preview
             sender.send(tensors.output_response(outputs))
 
         return send

@@ -210,8 +210,42 @@ def test_assembler_errors() -> None:
         assembler.end()
     with pytest.raises(OmniClientError, match="'step' output but no 'total_steps'"):
         StreamAssembler().feed(make_result(step=np.array([[1]], np.int32)))
-    with pytest.raises(OmniClientError, match="'preview' output but no 'step'"):
+    with pytest.raises(OmniClientError, match="preview output but no 'step'"):
         StreamAssembler().feed(make_result(preview=rgb(2, 2)))
+    with pytest.raises(OmniClientError, match="preview output but no 'step'"):
+        StreamAssembler().feed(make_result(preview_video=frames(2, 2, 2)))
+
+
+def frames(n: int, h: int, w: int, value: int = 7) -> np.ndarray:
+    """A batched video output [1, n, h, w, 3], frame i filled with value + i."""
+    return (value + np.arange(n, dtype=np.uint8))[None, :, None, None, None] * np.ones((1, n, h, w, 3), np.uint8)
+
+
+def video_step(n: int, total: int, preview: np.ndarray) -> InferResult:
+    steps = {"step": np.array([[n]], np.int32), "total_steps": np.array([[total]], np.int32)}
+    return make_result(False, preview_video=preview, **steps)
+
+
+def video_response(total: int = 2, final: bool | None = True) -> InferResult:
+    steps = {"step": np.array([[total]], np.int32), "total_steps": np.array([[total]], np.int32)}
+    return make_result(final, video=frames(5, 8, 12, 100), **steps)
+
+
+def test_video_stream_previews_and_video() -> None:
+    """A video model's stream: ``preview_video`` [frames, h, w, 3] previews, then ``video``."""
+    parsed = parse_stream_response(video_step(1, 2, frames(3, 4, 6)))
+    assert parsed.preview.shape == (3, 4, 6, 3) and parsed.preview[2, 0, 0, 0] == 9
+    parsed = parse_stream_response(video_response(2))
+    assert parsed.image.shape == (5, 8, 12, 3) and (parsed.step, parsed.final) == (2, True)
+    with pytest.raises(OmniClientError, match="unexpected shape .* for output 'preview_video'"):
+        parse_stream_response(make_result(preview_video=rgb(4, 6)[0]))  # an image under the video name
+    pil = StreamAssembler("pil")
+    (update,) = pil.feed(video_step(1, 2, frames(3, 4, 6)))
+    assert [f.size for f in update.preview] == [(6, 4)] * 3  # a list of PIL frames
+    update, final = pil.feed(video_response(2))
+    assert update == StepUpdate(2, 2, None) and isinstance(final, FinalImage) and len(final.image) == 5
+    final = StreamAssembler("numpy").feed(video_response(2))[-1]
+    assert final.image.shape == (5, 8, 12, 3) and final.image[4, 0, 0, 0] == 104
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -280,3 +314,15 @@ def test_cli_stream_unreachable(closed_port: int, tmp_path: Path, capsys: pytest
     assert main([*argv, "--url", f"127.0.0.1:{closed_port}", "--preview-dir", str(tmp_path / "p")]) == 1
     assert f"cannot reach server at 127.0.0.1:{closed_port}" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_saves_video_previews_as_animated_gifs(tmp_path: Path) -> None:
+    from omni_client.cli import _save_preview
+
+    _save_preview(frames(3, 4, 6)[0], tmp_path / "step_0002", fps=8.0)
+    _save_preview(rgb(4, 6)[0], tmp_path / "step_0004", fps=8.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0002.gif", "step_0004.png"]
+    with Image.open(tmp_path / "step_0002.gif") as gif:
+        assert (gif.n_frames, gif.size) == (3, (6, 4))
+        gif.seek(2)
+        assert np.asarray(gif.convert("RGB"))[0, 0].tolist() == [9, 9, 9]

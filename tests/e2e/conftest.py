@@ -157,6 +157,33 @@ class RawClient:
         self.client.close()
 
 
+def stream_responses(server: TritonServerProcess, model: str, values: dict, timeout: float = 600) -> list[tuple]:
+    """One request to a streaming (decoupled) model over raw gRPC streaming; its (result, error) pairs, in order.
+
+    Ends at the response flagged final or at the first error.
+    """
+    raw = RawClient(server, "grpc")
+    responses: list[tuple] = []
+    done = threading.Event()
+
+    def callback(result, error) -> None:
+        responses.append((result, error))
+        final = result is not None and result.get_response().parameters["triton_final_response"].bool_param
+        if error is not None or final:
+            done.set()
+
+    stream = grpcclient.InferenceServerClient(server.grpc_url)
+    stream.start_stream(callback)
+    try:
+        stream.async_stream_infer(model, raw.inputs(values), enable_empty_final_response=True)
+        assert done.wait(timeout), f"{model}: no final response within {timeout} s"
+    finally:
+        stream.stop_stream()
+        stream.close()
+        raw.close()
+    return responses
+
+
 def infer_concurrently(server: TritonServerProcess, jobs: list[tuple[str, str, dict]]) -> list[np.ndarray]:
     """Send every (protocol, model, values) job at once, one thread each; their images, in order."""
     clients = {p: RawClient(server, p) for p in PROTOCOLS}

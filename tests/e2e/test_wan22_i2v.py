@@ -25,6 +25,7 @@ from tests.e2e.conftest import (
     protocol_client,
     repository_of,
     serving,
+    stream_responses,
 )
 from tests.e2e.test_bad_input import status_is_invalid_arg
 from tests.test_parity_qwen_image_edit import input_image
@@ -140,6 +141,19 @@ def test_client_and_cli_send_the_image_of_a_video(i2v_server, expected, tmp_path
     argv += ["--guidance-scale", "4", "--guidance-scale-2", "2"]
     assert omni_client_main([*argv, "--out", str(out)]) == 0
     assert_same_video(np.load(out), expected(1))
+
+
+def test_stream_sends_video_previews_then_the_video(i2v_server, expected):
+    from tests.e2e.test_wan22_t2v import stream_steps
+
+    responses = stream_responses(i2v_server, "wan22_i2v_stream", params(0, preview_every=np.int32(1)))
+    steps, previews, video = stream_steps(responses)
+    assert steps == [1, 2, 3, 4] and sorted(previews) == [1, 2, 3]
+    assert all(p.shape == (5, 32, 48, 3) and p.dtype == np.uint8 for p in previews.values())
+    # the predicted clean video sharpens towards the final one as steps go by
+    error = {s: np.abs(p.astype(int) - video.astype(int)).mean() for s, p in previews.items()}
+    assert error[3] < error[1] and error[1] > 1, error
+    assert_same_video(video, expected(0))
 
 
 BAD = {

@@ -17,7 +17,7 @@ from omni_backend.engine.scheduler import QueueFullError
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, SamplingParams
-from omni_backend.runner.model_runner import ModelRunner, RunnerOutput
+from omni_backend.runner.model_runner import PREVIEW_MAX_SIDE, ModelRunner, RunnerOutput, downscale_preview
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,19 @@ def test_progress_and_previews(stages, flux_reference):
     # the prediction sharpens towards the final image as steps go by
     err = [np.abs(u.preview.astype(int) - final.astype(int)).mean() for u in updates if u.preview is not None]
     assert err[1] < err[0]
+
+
+def test_previews_are_downscaled_frame_by_frame():
+    """Images and videos alike: at most PREVIEW_MAX_SIDE on the long side, frames kept, small ones untouched."""
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (3, 300, 600, 3), dtype=np.uint8)
+    small = downscale_preview(video)
+    assert small.shape == (3, 128, PREVIEW_MAX_SIDE, 3) and small.dtype == np.uint8
+    for frame in range(3):
+        assert np.array_equal(small[frame], downscale_preview(video[frame]))  # each frame as an image preview
+    assert downscale_preview(video[0]).shape == (128, PREVIEW_MAX_SIDE, 3)
+    tiny = video[:, :32, :48]
+    assert downscale_preview(tiny) is tiny
 
 
 class BrokenObserver(EngineObserver):
