@@ -87,7 +87,9 @@ class PipelineStepper:
         for state in states:
             if self.is_first:
                 buffer = torch.empty_like(state.latents)
-                self.pending[state.request.request_id] = AsyncLatents(buffer, self._receive(buffer))
+                pending = AsyncLatents(buffer, self._receive(buffer))
+                self.pending[state.request.request_id] = pending  # by id: release gets ids only
+                state.latents = pending  # type: ignore[assignment]  # no tensor: unresolved reads fail loudly
             state.step_index += 1
 
     def predicted_clean_latents(self, state: DenoiseState, noise_pred: torch.Tensor | None) -> torch.Tensor:
