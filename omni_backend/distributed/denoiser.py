@@ -1,6 +1,6 @@
 """One ``denoise(states)`` call of a family spread over a parallel group.
 
-Every rank holds the same request states (prepared from the same conditioning and seed) and, but
+Every rank holds the same request states (prepared from the same conditioning and seed) and, except
 under pipeline parallel, runs the same scheduler steps, so only the transformer call is distributed:
 
 - CFG-parallel: the call's rows (each request's conditional branch, then the negative branches of

@@ -110,6 +110,7 @@ def test_ensemble_with_a_parallel_transformer_stage_matches_diffusers(parallel_s
     latents to the VAE stage; one request over gRPC, one over HTTP."""
     control = grpcclient.InferenceServerClient(parallel_server.grpc_url)
     control.load_model("flux_ensemble")  # and the three stages it names
+    assert len(_ranks(parallel_server, "flux_transformer")) == 2  # the stage runs as a worker group
     clients = {protocol: RawClient(parallel_server, protocol) for protocol in ("grpc", "http")}
     try:
         images = {}
