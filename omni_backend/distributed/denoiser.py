@@ -1,7 +1,7 @@
 """One ``denoise(states)`` call of a family spread over a parallel group.
 
-Every rank holds the same request states (prepared from the same conditioning and seed) and runs
-the same scheduler steps, so only the transformer call is distributed:
+Every rank holds the same request states (prepared from the same conditioning and seed) and, except
+under pipeline parallel, runs the same scheduler steps, so only the transformer call is distributed:
 
 - CFG-parallel: the call's rows (each request's conditional branch, then the negative branches of
   the true-CFG ones) are cut into ``cfg`` equal slices, padded by repeating the last row; each
@@ -10,7 +10,8 @@ the same scheduler steps, so only the transformer call is distributed:
 - Ulysses / Ring / tensor parallel live inside the transformer (diffusers hooks, model_parallel.py).
 - Families with several experts (Wan2.2's high- and low-noise transformers): every rank holds all of
   them, each parallelized the same way; a call groups the states by the expert of their step.
-- Pipeline parallel runs the slice's rows as micro-batches through the ``pp`` stages (pipeline.py).
+- Pipeline parallel runs the slice's rows as micro-batches through the ``pp`` stages (pipeline.py);
+  only the last stage gets the predictions, and it alone runs the scheduler step (async_latents.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from omni_backend.distributed.async_latents import PipelineStepper
 from omni_backend.distributed.groups import ParallelGroups
 from omni_backend.distributed.model_parallel import apply_model_parallel
 from omni_backend.distributed.pipeline import PipelineStage
@@ -50,32 +52,45 @@ class ParallelDenoiser:
             apply_model_parallel(transformer, groups)
         # every expert's blocks split the same way: a rank holds the same slice of each
         self.pipelines = [PipelineStage(t, spec, groups) for t in self.experts] if groups.size("pp") > 1 else None
+        self.stepper = PipelineStepper(stages, groups) if self.pipelines is not None else None
+
+    def install(self) -> None:
+        """Make this rank's stages run distributed: ``denoise`` (and, with pipeline parallel, the step)."""
+        self.stages.denoise = self.denoise  # type: ignore[method-assign]
+        if self.stepper is not None:
+            self.stepper.install()
 
     @torch.inference_mode()
-    def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
-        """One transformer call per expert in use (every rank holds the same states, so picks the same)."""
+    def denoise(self, states: Sequence[DenoiseState]) -> list[torch.Tensor | None]:
+        """One transformer call per expert in use (every rank holds the same states, so picks the same).
+
+        Under pipeline parallel the predictions are on the last stage only (None on the others)."""
         states = list(states)
+        if self.stepper is not None:
+            self.stepper.resolve(states)  # the first stage reads their latents now
         preds: list[torch.Tensor | None] = [None] * len(states)
         experts = [self.spec.expert(self.stages, s) for s in states]
         for expert in sorted(set(experts)):
             group = [i for i, e in enumerate(experts) if e == expert]
             for i, pred in zip(group, self._expert_denoise(expert, [states[i] for i in group]), strict=True):
                 preds[i] = pred
-        return preds  # type: ignore[return-value]
+        return preds
 
-    def _expert_denoise(self, expert: int, states: list[DenoiseState]) -> list[torch.Tensor]:
+    def _expert_denoise(self, expert: int, states: list[DenoiseState]) -> list[torch.Tensor | None]:
         rows = self.rows.denoise_rows(states)
         cfg_ranks = self.groups.size("cfg")
         mine = cfg_slice(rows, cfg_ranks, self.groups.local_rank("cfg"))
         if self.pipelines is not None:
             noise = self.pipelines[expert].forward([self.rows.transformer_inputs([row]) for row in mine])
+            if noise is None:  # not the last stage; the cfg all-gather below runs among the last stages
+                return [None] * len(states)
         else:
             noise = self._transformer(self.experts[expert], self.rows.transformer_inputs(mine))
         if cfg_ranks > 1:
             parts = [torch.empty_like(noise) for _ in range(cfg_ranks)]
             dist.all_gather(parts, noise.contiguous(), group=self.groups.group("cfg"))
             noise = torch.cat(parts)[: len(rows)]
-        return self.rows.combine_rows(states, noise)
+        return self.rows.combine_rows(states, noise)  # type: ignore[return-value]
 
     def _transformer(self, transformer: torch.nn.Module, inputs: dict) -> torch.Tensor:
         ulysses, ring = self.groups.size("ulysses"), self.groups.size("ring")

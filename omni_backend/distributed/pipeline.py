@@ -5,7 +5,9 @@ blocks of micro-batch 0, rank 0 already runs micro-batch 1. Activations travel w
 isend/irecv: a stage posts the receives of all its micro-batches up front and only waits for one
 when it is about to use it; sends are waited for at the end of the call. Timestep embeddings and
 rotary tables are cheap and depend only on inputs every rank holds, so each rank computes them
-instead of receiving them.
+instead of receiving them. Only the last stage has the noise prediction: it runs the scheduler step
+and sends the new latents back to the first stage (async_latents.py), which waits for them only
+when it uses them.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ class PipelineStage:
         self.blocks = [blocks[i] for i in split_blocks(len(blocks), self.num_stages)[self.stage]]
         self.prev = groups.global_rank(pp=self.stage - 1) if self.stage > 0 else None
         self.next = groups.global_rank(pp=self.stage + 1) if self.stage < self.num_stages - 1 else None
-        self.last = groups.global_rank(pp=self.num_stages - 1)
 
-    def forward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
-        """Noise predictions of all micro-batches, concatenated, on every rank of this ``pp`` group."""
+    @property
+    def is_last(self) -> bool:
+        return self.next is None
+
+    def forward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor | None:
+        """Noise predictions of all micro-batches, concatenated, on the last stage; None on the others."""
         carries = [self.spec.embed(self.transformer, inputs) for inputs in micro_batches]
         receives = []
         if self.prev is not None:  # post every receive now; wait for each only when it is needed
@@ -70,10 +75,4 @@ class PipelineStage:
                 outputs.append(self.spec.head(self.transformer, carry))
         for handle in sends:
             handle.wait()
-        if self.next is None:
-            noise = torch.cat(outputs)
-        else:
-            noise = torch.cat([self.spec.output_like(self.transformer, inputs) for inputs in micro_batches])
-        # every rank steps its own copy of the request state, so every rank needs the prediction
-        dist.broadcast(noise, self.last, group=self.groups.group("pp"))
-        return noise
+        return torch.cat(outputs) if self.is_last else None

@@ -70,10 +70,6 @@ class ParallelSpec(Protocol):
     def head(transformer: torch.nn.Module, carry: Carry) -> torch.Tensor: ...
 
     @staticmethod
-    def output_like(transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """An empty tensor shaped like ``head``'s output for ``inputs`` (pipeline ranks before the last)."""
-
-    @staticmethod
     def prepare_model_parallel(transformer: torch.nn.Module, groups: ParallelGroups) -> None:
         """Family changes needed before diffusers shards the model (e.g. a ``_tp_plan`` it lacks)."""
 

@@ -4,7 +4,8 @@
 so the engine drives world size > 1 exactly like world size 1, which stays in-process
 (``make_runner``). The driver only passes control messages: each rank receives the same StepPlan
 (requests, with their conditioning when the ensemble sent it), holds the per-request state in its
-own ModelRunner and runs ``denoise`` through a ParallelDenoiser; rank 0 sends the StepResult back.
+own ModelRunner and runs ``denoise`` through a ParallelDenoiser (under pipeline parallel, only the
+last stage steps the schedulers: async_latents.py); rank 0 sends the StepResult back.
 Tensors cross processes through torch.multiprocessing queues, i.e. shared memory (a file descriptor
 is pickled, never the data); output images are turned into tensors for that.
 
@@ -100,8 +101,8 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
             results.put(("error", exc))
         commands.get()  # stay alive until the driver stops the group, so it sees the error, not a death
         return
-    # the runner calls stages.denoise: on a rank that is the distributed call (instance attribute)
-    stages.denoise = denoiser.denoise  # type: ignore[method-assign]
+    # the runner calls stages.denoise (and step): on a rank, the distributed calls (instance attributes)
+    denoiser.install()
     # only rank 0 answers, so only rank 0 decodes images
     control = RunnerControl(lambda: stages, setup.config, setup.components, setup.name, rank)
     runner = ModelRunner(stages, setup.output if rank == 0 else RunnerOutput.LATENTS, control=control)

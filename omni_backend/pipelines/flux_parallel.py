@@ -64,10 +64,6 @@ class FluxParallelSpec:
         return transformer.proj_out(transformer.norm_out(carry.hidden, carry.extras["temb"]))
 
     @staticmethod
-    def output_like(transformer: FluxTransformer2DModel, inputs: dict[str, Any]) -> torch.Tensor:
-        return torch.empty_like(inputs["hidden_states"])  # packed latents in, packed noise out
-
-    @staticmethod
     def prepare_model_parallel(transformer: FluxTransformer2DModel, groups: ParallelGroups) -> None:
         """Nothing: diffusers' FLUX.1 has its ``_tp_plan`` and ``_cp_plan``."""
 

@@ -123,12 +123,6 @@ class WanParallelSpec:
         return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     @staticmethod
-    def output_like(transformer: WanTransformer3DModel, inputs: dict[str, Any]) -> torch.Tensor:
-        # image-to-video takes 36 channels in (latents + image condition) and predicts the 16 latent ones
-        video = inputs["hidden_states"]
-        return video.new_empty((video.shape[0], transformer.config.out_channels, *video.shape[2:]))
-
-    @staticmethod
     def prepare_model_parallel(transformer: WanTransformer3DModel, groups: ParallelGroups) -> None:
         if groups.size("ulysses") * groups.size("ring") > 1:
             for block in transformer.blocks:

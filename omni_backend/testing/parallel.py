@@ -48,8 +48,8 @@ def denoise_loop(
     while running:
         stages.step(running, denoise(running))
         running = [s for s in running if not s.finished]
-    seconds = time.perf_counter() - started
-    return LoopResult([stages.output_latents(s).clone() for s in states], seconds)
+    latents = [stages.output_latents(s).clone() for s in states]  # under pipeline parallel: waits for the last
+    return LoopResult(latents, time.perf_counter() - started)
 
 
 def load_transformer_stage(family: str, checkpoint: str) -> PipelineStages:
@@ -90,9 +90,9 @@ def _rank_main(
             spec = resolve_spec(family)
             for transformer in spec.transformers(stages):
                 validate_parallel(parallel, spec, dict(transformer.config), device)
-            denoiser = ParallelDenoiser(stages, spec, build_groups(parallel, device))
+            ParallelDenoiser(stages, spec, build_groups(parallel, device)).install()
             dist.barrier()
-            result = denoise_loop(stages, denoiser.denoise, cases)
+            result = denoise_loop(stages, stages.denoise, cases)
             if rank == 0:
                 _put(results, result)
     finally:

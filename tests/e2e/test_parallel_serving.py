@@ -1,7 +1,8 @@
 """cfg2, ulysses2 and pp2 served by a real tritonserver: each model instance drives a worker group of
 two spawned ranks (gloo), and the images equal diffusers' FluxPipeline (and, for Qwen-Image's ulysses2,
-QwenImagePipeline's); a bad layout fails its load; a rank killed mid-request fails the requests in flight
-at once and the next request gets a fresh group.
+QwenImagePipeline's); the ensemble's transformer stage with pp2, called through ``flux_ensemble``, too;
+a bad layout fails its load; a rank killed mid-request fails the requests in flight at once and the
+next request gets a fresh group.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ VARIANTS = {
     "flux_pp2": ("flux", {"pipeline_parallel_size": "2"}),
     "flux_bad_ulysses": ("flux", {"ulysses_degree": "4"}),  # 2 heads in the tiny checkpoint
     "qwen_image_ulysses2": ("qwen_image", {"ulysses_degree": "2"}),
+    # the ensemble as it is, but its transformer stage a pp2 worker group
+    "flux_ensemble": ("flux_ensemble", {}),
+    "flux_text_encoder": ("flux_text_encoder", {}),
+    "flux_transformer": ("flux_transformer", {"pipeline_parallel_size": "2"}),
+    "flux_vae": ("flux_vae", {}),
 }
+ENSEMBLE = ("flux_ensemble", "flux_text_encoder", "flux_transformer", "flux_vae")
 
 
 def _variant(repo: Path, name: str, source: str, parameters: dict[str, str]) -> None:
@@ -51,7 +58,7 @@ def parallel_server(tmp_path_factory, model_root, tiny_qwen_image):
     for name, (source, parameters) in VARIANTS.items():
         _variant(repo, name, source, parameters)
     # loaded by their tests, one at a time: every group loaded at once makes the start heavier
-    later = ("flux_bad_ulysses", "qwen_image_ulysses2")
+    later = ("flux_bad_ulysses", "qwen_image_ulysses2", *ENSEMBLE)
     loads = [f"--load-model={name}" for name in VARIANTS if name not in later]
     process = TritonServerProcess(
         repo, env_extra={"OMNI_MODEL_ROOT": str(model_root)},
@@ -96,6 +103,34 @@ def test_parallel_qwen_image_matches_diffusers(parallel_server, qwen_image_refer
         "a cat", 7, negative_prompt="dark", true_cfg_scale=4.0, height=64, width=64, num_inference_steps=3
     )
     assert_same_image(image, expected)
+
+
+def test_ensemble_with_a_parallel_transformer_stage_matches_diffusers(parallel_server, flux_reference):
+    """The transformer stage's two pipeline ranks get the conditioning from the encoder stage and hand
+    latents to the VAE stage; one request over gRPC, one over HTTP."""
+    control = grpcclient.InferenceServerClient(parallel_server.grpc_url)
+    control.load_model("flux_ensemble")  # and the three stages it names
+    assert len(_ranks(parallel_server, "flux_transformer")) == 2  # the stage runs as a worker group
+    clients = {protocol: RawClient(parallel_server, protocol) for protocol in ("grpc", "http")}
+    try:
+        images = {}
+        for seed, protocol in enumerate(clients, start=7):
+            request = {"prompt": "a green square", "negative_prompt": "blurry", "true_cfg_scale": np.float32(3.0),
+                       "height": np.int32(64), "width": np.int32(64), "num_inference_steps": np.int32(3),
+                       "seed": np.int64(seed)}  # fmt: skip
+            images[seed] = clients[protocol].infer("flux_ensemble", request)
+    finally:
+        for client in clients.values():
+            client.close()
+        for model in ENSEMBLE:  # the transformer stage's two ranks go
+            control.unload_model(model)
+        control.close()
+    for seed, image in images.items():
+        expected = flux_reference(
+            "a green square", seed, negative_prompt="blurry", true_cfg_scale=3.0, height=64, width=64,
+            num_inference_steps=3,
+        )  # fmt: skip
+        assert_same_image(image, expected)
 
 
 def test_bad_layout_fails_the_load_naming_the_parameter(parallel_server):
