@@ -17,8 +17,12 @@ for pkg in diffusers transformers ftfy wcwidth importlib_metadata tritonclient; 
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$pkg'))")
     .venv/bin/pip download -q --no-deps --only-binary=:all: -d "$work/wheels" "$pkg==$version"
 done
-.venv/bin/pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PY" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$work/wheels" python-rapidjson
+# numpy < 2 as nvidia-pytriton requires: the 2.51 backend stub builds its BYTES inputs with a numpy 1
+# ABI, and under numpy 2 it reads every byte as the first one (its stub died on the first prompt)
+for pkg in python-rapidjson "numpy==$(.venv/bin/python -c 'import numpy; print(numpy.__version__)')"; do
+    .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PY" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$work/wheels" "$pkg"
+done
 for wheel in "$work"/wheels/*.whl; do unzip -q -o "$wheel" -d "$work/site"; done
 tar -C "$work/site" -cf - . | xz -9 -T2 >.gpu/site.tar.xz
 stubs=$(cd "$SITE" && ls -d pytriton/tritonserver/python_backend_stubs/* | grep -v "/$GPU_PY\$" | sed 's/^/--exclude=/')

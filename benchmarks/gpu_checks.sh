@@ -19,8 +19,9 @@ if [[ -f .gpu/site.tar.xz ]]; then
     for bundle in .gpu/site.tar.xz .gpu/triton.tar.xz; do [[ -f $bundle ]] && tar -C /tmp/site -xJf "$bundle"; done
     export PYTHONPATH=/tmp/site
     # tritonserver's backend stubs did not see PYTHONPATH there: a .pth file reaches every interpreter
-    # that uses this Python's site-packages
-    python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" | xargs -I{} sh -c 'echo /tmp/site >{}/omni_gpu_site.pth'
+    # that uses this Python's site-packages, and puts the carried packages (numpy < 2 among them) first
+    python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" |
+        xargs -I{} sh -c 'echo "import sys; sys.path.insert(0, \"/tmp/site\")" >{}/omni_gpu_site.pth'
 fi
 # The backend stub loads the shared libpython of the machine's Python; where there is none (a static
 # build), use the carried one.
