@@ -6,6 +6,7 @@ The ratio of medians is the overhead (target <= 1.05). The served image (or vide
 checked against the in-process one, so the two sides provably did the same work.
 
     python -m benchmarks.overhead [--family flux|qwen_image|qwen_image_edit|wan22_t2v|wan22_i2v|longcat_image]
+                                  [--ensemble]  # <family>_ensemble instead of the one model (target <= 1.10)
                                   [--size 768] [--steps 8] [--frames 9] [--repeats 15]
 
 Families conditioned on ``input_image`` (edit, image-to-video) get the same seeded 96x128 RGB picture on both sides.
@@ -102,12 +103,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--frames", type=int, default=9, help="num_frames of video families")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/overhead[_FAMILY].json")
+    parser.add_argument("--ensemble", action="store_true", help="serve <family>_ensemble (target <= 1.10)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/overhead[_FAMILY][_ensemble].json")
     args = parser.parse_args()
     family = FAMILIES[args.family]
     video = family.output == "video"
     frames = args.frames if video else None
-    suffix = "" if args.family == "flux" else f"_{args.family}"
+    served_model = f"{args.family}_ensemble" if args.ensemble else args.family
+    stages = [f"{args.family}_{stage}" for stage in ("text_encoder", "transformer", "vae")] if args.ensemble else []
+    suffix = ("" if args.family == "flux" else f"_{args.family}") + ("_ensemble" if args.ensemble else "")
     out = args.out or ROOT / "benchmarks" / "results" / f"overhead{suffix}.json"
 
     import diffusers
@@ -140,14 +144,14 @@ def main() -> None:
         server = TritonServerProcess(
             ROOT / "model_repository",
             env_extra={"OMNI_MODEL_ROOT": models},
-            extra_args=["--model-control-mode=explicit", f"--load-model={args.family}"],
+            extra_args=["--model-control-mode=explicit", *(f"--load-model={m}" for m in [*stages, served_model])],
         )
         with server.start(timeout=600):
             client = grpcclient.InferenceServerClient(server.grpc_url)
 
             def served(seed: int) -> np.ndarray:
                 inputs = grpc_inputs(args.size, args.steps, seed, frames, family.input_image)
-                return client.infer(args.family, inputs).as_numpy(family.output)[0]
+                return client.infer(served_model, inputs).as_numpy(family.output)[0]
 
             for seed in (0, 1):  # warm-up both sides (allocator, thread pools)
                 in_process(seed), served(seed)
@@ -165,7 +169,7 @@ def main() -> None:
 
     local, remote = statistics.median(local_times), statistics.median(served_times)
     result = {
-        "benchmark": f"serving overhead (gRPC {args.family} / in-process {family.pipeline})",
+        "benchmark": f"serving overhead (gRPC {served_model} / in-process {family.pipeline})",
         "checkpoint": f"{family.checkpoint} (omni_backend.testing.tiny, seed 0), float32",
         "size": args.size,
         "steps": args.steps,
