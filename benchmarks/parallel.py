@@ -24,18 +24,12 @@ from pathlib import Path
 
 import torch
 
-from omni_backend.config import ParallelConfig
 from omni_backend.request import DiffusionRequest, SamplingParams
-from omni_backend.testing.parallel import run_parallel
+from omni_backend.testing.parallel import LAYOUTS_2, run_parallel
 from omni_backend.testing.tiny import build_tiny_flux
 
-LAYOUTS = {
-    "cfg2": ParallelConfig(cfg_parallel_size=2),
-    "ulysses2": ParallelConfig(ulysses_degree=2),
-    "ring2": ParallelConfig(ring_degree=2),
-    "pp2": ParallelConfig(pipeline_parallel_size=2),
-    "tp2": ParallelConfig(tensor_parallel_size=2),
-}
+# the 2-rank layouts the parallel tests cover, at sizes the degree divides
+LAYOUTS = {name: layout for name, layout in LAYOUTS_2.items() if not name.endswith("_uneven")}
 TARGETS = {"cfg2": 1.8, "ulysses2": 1.6, "pp2": 1.5}
 
 
