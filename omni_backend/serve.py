@@ -19,7 +19,8 @@ launcher then prints ``[omni-serve]   model 'M' ... failed to load: MSG`` (servi
 non-zero.  Server output is streamed through unchanged.
 
 Once ready, serving/supervisor.py keeps it serving: a dead stub or server means a restart (Triton 2.51
-would leave requests hanging); SIGINT/SIGTERM drain the models (serving/drain.py), stop the server and
+would leave requests hanging), a dead parallel worker a reload of its model (under explicit model
+control; else a restart); SIGINT/SIGTERM drain the models (serving/drain.py), stop the server and
 leave no process and no /dev/shm region behind.
 
 Addresses: every endpoint binds ``--host`` (default 127.0.0.1). On any other address the admin APIs
@@ -273,8 +274,7 @@ def _start(opts: argparse.Namespace, passthrough: list[str]) -> subprocess.Popen
     for port in opts.ports:
         _check_port_free(port)
     repo = opts.model_repository.resolve()
-    # off loopback: the given key, else a random one nobody knows (admin APIs and control closed)
-    key = None if is_loopback(opts.host) else opts.admin_key or secrets.token_urlsafe(24)
+    key = opts.admin_key
     extra = address_args(opts.host, key, passthrough) + passthrough
     cmd = build_command(binary, repo, opts.ports, backend_dir, extra)
     env = server_env(wheel_libs=bundled or backend_dir is not None)
@@ -295,6 +295,8 @@ def run(argv: Sequence[str]) -> int:
     opts.ports = (opts.http_port, opts.grpc_port, opts.metrics_port)
     find_tritonserver(opts.tritonserver)  # fail before anything starts
     exit_timeout = float(flag_value(passthrough, "--exit-timeout-secs") or 30)
+    # off loopback: the given key, else a random one only the launcher knows (admin APIs and control closed)
+    opts.admin_key = None if is_loopback(opts.host) else opts.admin_key or secrets.token_urlsafe(24)
     policy = SupervisorPolicy(
         ready_timeout=opts.ready_timeout,
         exit_grace=opts.exit_grace,
@@ -302,6 +304,7 @@ def run(argv: Sequence[str]) -> int:
         exit_timeout=exit_timeout,
         max_restarts=opts.max_restarts,
         restart_window_s=opts.restart_window,
+        explicit_model_control=(flag_value(passthrough, "--model-control-mode") or "none").lower() == "explicit",
     )
     shown = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     http, grpc, metrics = opts.ports
@@ -310,8 +313,9 @@ def run(argv: Sequence[str]) -> int:
         say(f"binding {opts.host}: admin APIs ({', '.join(ADMIN_APIS)}) need the '{ADMIN_HEADER}' header")
     with tempfile.TemporaryDirectory(prefix="omni-serve-") as tmp:
         opts.drain_file = os.path.join(tmp, "drain.json")
+        admin = {ADMIN_HEADER: opts.admin_key} if opts.admin_key else {}  # its own reloads need the key
         supervisor = Supervisor(partial(_start, opts, passthrough), probe_url(opts.host, http), policy,
-                                opts.drain_file, announce)  # fmt: skip
+                                opts.drain_file, announce, admin)  # fmt: skip
         return supervisor.run()
 
 

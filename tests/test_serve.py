@@ -396,3 +396,49 @@ def test_dead_server_is_restarted_and_a_crash_loop_gives_up(add_one_repo: Path) 
         assert not live_group_members(second)
     finally:
         server.stop()
+
+
+# a model that spawns one process as a parallel model spawns its ranks (multiprocessing's spawn method)
+SPAWN_WORKER = (
+    'import multiprocessing, time; self.worker = multiprocessing.get_context("spawn")'
+    ".Process(target=time.sleep, args=(3600,), daemon=True); self.worker.start()"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["explicit", "none"])
+def test_a_dead_worker_takes_its_model_out_of_service(tmp_path: Path, mode: str) -> None:
+    """explicit model control: that model alone is unloaded and loaded again; otherwise tritonserver restarts."""
+    from omni_backend.serving.procs import stubs_of, workers_of
+    from omni_backend.testing.server import ReadinessLog
+
+    repo = tmp_path / "repo"
+    write_model(repo, "with_worker", init_extra=SPAWN_WORKER)
+    write_model(repo, "add_one")
+    args = ["--model-control-mode=explicit", "--load-model=with_worker", "--load-model=add_one"]
+    with TritonServerProcess(repo, extra_args=args if mode == "explicit" else []) as server:
+        first = server.server_pid
+        assert first is not None
+        stubs = {s.model: s.pid for s in stubs_of(first)}
+        (worker,) = workers_of(stubs["with_worker"])
+        readiness = ReadinessLog(server, "with_worker")
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        try:
+            while readiness.up_again_at() is None:
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.1)
+        finally:
+            readiness.stop()
+        assert f"parallel worker (pid {worker}) of model 'with_worker' died while the model was ready" in server.log()
+        (new_worker,) = workers_of(next(s.pid for s in stubs_of(server.server_pid) if s.model == "with_worker"))
+        assert new_worker != worker
+        if mode == "explicit":
+            assert server.server_pid == first and "restarting tritonserver" not in server.log()
+            assert "model 'with_worker' reloaded" in server.log()
+            assert {s.model: s.pid for s in stubs_of(first)}["add_one"] == stubs["add_one"]  # left alone
+        else:
+            assert server.server_pid != first
+            assert "lost a parallel worker: restarting tritonserver" in server.log()
+        assert server.model_ready("add_one")

@@ -12,6 +12,8 @@ is pickled, never the data); output images are turned into tensors for that.
 A rank that dies (OOM kill, segfault) is noticed within ``POLL_S`` while the driver waits: the step
 fails with a WorkerDiedError naming the rank (the engine fails every request in flight with it),
 the rest of the group is stopped and the next step starts a fresh group (the states were lost).
+The launcher, seeing the rank gone, also takes the model out of service for a reload
+(serving/supervisor.py): Triton 2.51 offers a Python model no way to report itself unready.
 """
 
 from __future__ import annotations

@@ -73,6 +73,20 @@ def stubs_of(server_pid: int) -> list[Stub]:
     return stubs
 
 
+def workers_of(stub_pid: int) -> list[int]:
+    """Pids of the parallel worker ranks a stub spawned (multiprocessing's spawn start method).
+
+    Only spawned interpreters count: multiprocessing's resource tracker and any compiler pool run
+    other command lines, and come and go on their own.
+    """
+    workers = []
+    for pid in children(stub_pid):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+    return workers
+
+
 def group_members(pgid: int) -> list[int]:
     """Pids of the live processes in process group ``pgid``."""
     members = []

@@ -16,6 +16,14 @@ A stub that goes away while its model is NOT ready is an unload (repository API)
 backend's short-lived auto-complete stub, not a crash: only a model reporting ready with its stub
 gone is broken.
 
+A parallel worker rank (a process the stub spawned, procs.workers_of) that dies while its model is
+ready is a crash too, though a milder one: the model itself fails the requests in flight within a
+fraction of a second (distributed/worker.py) and would start a fresh group on its next step, but
+Triton 2.51 gives a Python model no way to report itself unready meanwhile. So the supervisor takes
+the model out of service: under ``--model-control-mode=explicit`` it unloads and loads that model
+alone through the repository API (readiness is down in between; other models are untouched);
+otherwise it restarts the server as for a dead stub. Reloads count against ``max_restarts`` too.
+
 Shutdown (SIGTERM/SIGINT): write the drain file (see drain.py), forward the signal, wait for the
 server, then make sure no process of its group is left and no /dev/shm region it created remains.
 A second signal more than a second later kills the group at once.
@@ -32,12 +40,12 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from omni_backend.serving.drain import request_drain
 from omni_backend.serving.logwatch import PREFIX, LogWatcher, pump
-from omni_backend.serving.procs import Stub, group_members, stubs_of, unlink_shm
+from omni_backend.serving.procs import Stub, group_members, stubs_of, unlink_shm, workers_of
 
 POLL_S = 0.5  # how often stubs are checked: a crash is acted on within this (plus one readiness probe)
 EXIT_HANG_GRACE_S = 3.0  # after tritonserver's "Exiting immediately", how long it may take to actually exit
@@ -57,6 +65,8 @@ class SupervisorPolicy:
     exit_timeout: float = 30.0  # tritonserver's --exit-timeout-secs: the drain deadline derives from it
     max_restarts: int = 5  # crash recoveries allowed within restart_window_s (0: never restart)
     restart_window_s: float = 600.0
+    explicit_model_control: bool = False  # the server runs --model-control-mode=explicit: reload one model
+    reload_timeout_s: float = 600.0  # a parallel model's load spawns and loads every rank
 
 
 def http_get_ok(url: str, timeout: float = 1.0) -> bool:
@@ -77,12 +87,14 @@ class Supervisor:
         policy: SupervisorPolicy,
         drain_file: str,
         announce: Sequence[str] = (),
+        admin_headers: Mapping[str, str] | None = None,
     ):
         self.start = start
         self.probe_url = probe_url  # http://HOST:PORT of the server's HTTP endpoint
         self.policy = policy
         self.drain_file = drain_file
         self.announce = announce  # printed on stdout once, when the server is first ready
+        self.admin_headers = dict(admin_headers or {})  # the repository API needs the key off loopback
         self.watcher = LogWatcher()
         self.restarts: deque[float] = deque()
         self.shm_regions: set[str] = set()  # every region seen: unlinked if left behind
@@ -180,6 +192,7 @@ class Supervisor:
     def _supervise(self, proc: subprocess.Popen[bytes]) -> str | None:
         """Watch until a signal (None) or a fault that needs a restart (its description)."""
         known: dict[int, Stub] = {}
+        known_workers: dict[int, Stub] = {}  # worker pid -> the stub that spawned it
         while not self.signals:
             if proc.poll() is not None:
                 return f"tritonserver exited unexpectedly (code {proc.returncode})"
@@ -189,9 +202,55 @@ class Supervisor:
                 if pid not in current and self._model_ready(stub.model):
                     say(f"stub of model '{stub.model}' ({stub.instance}, pid {pid}) died while the model was ready")
                     return f"model '{stub.model}' lost its stub process"
-            known = current
+            workers = {w: stub for stub in current.values() for w in workers_of(stub.pid)}
+            lost = {s.model: (pid, s) for pid, s in known_workers.items() if pid not in workers and s.pid in current}
+            for model, (pid, stub) in lost.items():
+                if not self._model_ready(model):
+                    continue  # an unload stops the workers
+                say(f"parallel worker (pid {pid}) of model '{model}' died while the model was ready")
+                if not self.policy.explicit_model_control:
+                    return f"model '{model}' lost a parallel worker"
+                if not self._may_restart():
+                    return f"model '{model}' lost a parallel worker"  # run() gives up: the budget is spent
+                if not self._reload(proc, stub):
+                    return f"model '{model}' could not be reloaded after losing a parallel worker"
+                # the reloaded model has a new stub; any other stub that died meanwhile is still noticed
+                current = {pid: s for pid, s in current.items() if s.model != model}
+                current |= {s.pid: s for s in stubs_of(proc.pid) if s.model == model}
+                workers = {w: s for s in current.values() for w in workers_of(s.pid)}
+            known, known_workers = current, workers
             time.sleep(POLL_S)
         return None
+
+    def _reload(self, proc: subprocess.Popen[bytes], stub: Stub) -> bool:
+        """Unload, then load ``stub``'s model (explicit model control): True once it is ready again.
+
+        Triton's unload only starts the unload: the load waits until the old stub has finalized (its
+        requests answered, its memory freed), or two instances would hold the model at once.
+        """
+        start = time.monotonic()
+        if not self._repository(stub.model, "unload"):
+            return False
+        while stub.pid in {s.pid for s in stubs_of(proc.pid)}:
+            if time.monotonic() - start > self.policy.reload_timeout_s:
+                say(f"ERROR: model '{stub.model}' did not unload within {self.policy.reload_timeout_s:g} s")
+                return False
+            time.sleep(0.1)
+        say(f"model '{stub.model}' unloaded after {time.monotonic() - start:.1f} s; loading it again")
+        ready = self._repository(stub.model, "load") and self._model_ready(stub.model)
+        say(f"model '{stub.model}' reloaded in {time.monotonic() - start:.1f} s (ready: {ready})")
+        return ready
+
+    def _repository(self, model: str, action: str) -> bool:
+        """POST the repository API's ``load`` or ``unload`` for ``model``; False (and why) if it fails."""
+        url = f"{self.probe_url}/v2/repository/models/{model}/{action}"
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers=self.admin_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.policy.reload_timeout_s):
+                return True
+        except OSError as e:
+            say(f"ERROR: {action} of model '{model}' failed: {e}")
+            return False
 
     def _model_ready(self, model: str) -> bool:
         return http_get_ok(f"{self.probe_url}/v2/models/{model}/ready")

@@ -23,7 +23,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -129,6 +131,14 @@ class TritonServerProcess:
         """The launcher's pid (also its process group id)."""
         return self._proc.pid if self._proc else None
 
+    def model_ready(self, model: str) -> bool:
+        """``/v2/models/<model>/ready`` answers 200 (any failure to answer is "not ready")."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
     def log(self) -> str:
         """Everything the launcher and tritonserver printed so far."""
         with contextlib.suppress(OSError):
@@ -205,3 +215,30 @@ class TritonServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class ReadinessLog:
+    """Polls a model's readiness every 50 ms in a thread, so that a short not-ready window is not missed."""
+
+    def __init__(self, server: TritonServerProcess, model: str):
+        self.samples: list[tuple[float, bool]] = []  # (time.monotonic(), ready)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(server, model), daemon=True)
+        self._thread.start()
+
+    def _poll(self, server: TritonServerProcess, model: str) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), server.model_ready(model)))
+            self._stop.wait(0.05)
+
+    def down_at(self) -> float | None:
+        return next((t for t, ready in self.samples if not ready), None)
+
+    def up_again_at(self) -> float | None:
+        """When a ready sample first followed a not-ready one."""
+        down = self.down_at()
+        return None if down is None else next((t for t, ready in self.samples if ready and t > down), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

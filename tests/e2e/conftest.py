@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -107,6 +108,15 @@ def server(model_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """The FLUX models on one server, shared by the FLUX e2e modules."""
     with serving(repository_of(tmp_path_factory.mktemp("flux-repo"), FLUX_MODELS), model_root) as process:
         yield process
+
+
+def wait_until(predicate, deadline_s: float, what: str) -> float:
+    """Seconds until ``predicate()`` held; fails the test after ``deadline_s``."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < deadline_s, f"{what} did not happen within {deadline_s} s"
+        time.sleep(0.1)
+    return time.monotonic() - start
 
 
 def wire(value) -> tuple[np.ndarray, str]:

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from omni_backend.serving.procs import SHM_DIR, stubs_of
 from omni_backend.testing import faults
 from omni_backend.testing.compare import assert_same_image
 from omni_backend.testing.server import TritonServerProcess, live_group_members
-from tests.e2e.conftest import REPOSITORY, RawClient
+from tests.e2e.conftest import REPOSITORY, RawClient, wait_until
 from tests.e2e.metrics import scrape, value
 from tests.e2e.test_step_batching import run_in_thread, values, wait_for_steps
 
@@ -42,23 +41,6 @@ def server(model_root: Path):
     process.start(timeout=600)
     yield process
     process.stop()
-
-
-def model_ready(server: TritonServerProcess, model: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-def wait_until(predicate, deadline_s: float, what: str) -> float:
-    """Seconds until ``predicate()`` held; fails the test after ``deadline_s``."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < deadline_s, f"{what} did not happen within {deadline_s} s"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 # ---------------------------------------------------------------- device OOM in one request of a batch
@@ -143,7 +125,7 @@ def test_kill_stub_mid_request_errors_fast_and_service_resumes(server, victim, f
 
     # readiness reported the model down, then serving again without operator action
     wait_until(lambda: server.server_pid != old_server_pid, 30, "a tritonserver restart")
-    recovered = wait_until(lambda: model_ready(server, victim) and model_ready(server, "flux"), RECOVERY_DEADLINE_S,
+    recovered = wait_until(lambda: server.model_ready(victim) and server.model_ready("flux"), RECOVERY_DEADLINE_S,
                            "recovery")  # fmt: skip
     print(f"{victim} ready again {time.monotonic() - killed_at:.1f} s after the kill ({recovered:.1f} s waited)")
     assert f"stub of model '{victim}'" in server.log() and "restarting tritonserver" in server.log()
