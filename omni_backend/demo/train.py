@@ -228,6 +228,18 @@ def train_vae(vae, cfg: TrainConfig, log: LossLog) -> None:
 
 
 @torch.no_grad()
+def reconstruction_accuracy(vae, seed: int, n: int = 200) -> dict[str, float]:
+    """The classifiers' rates on VAE reconstructions: the ceiling of what the transformer can reach."""
+    x, scenes = pictures(n, seed=seed)
+    recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in x.split(50)])
+    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    accuracy = shapes.Accuracy()
+    for scene, image in zip(scenes, images, strict=True):
+        accuracy.add(scene, image)
+    return accuracy.rates()
+
+
+@torch.no_grad()
 def set_latent_statistics(vae, seed: int) -> None:
     """FLUX's VAE normalizes latents as ``(z - shift_factor) * scaling_factor``: measure both."""
     x, _ = pictures(512, seed=seed)
@@ -355,10 +367,18 @@ def train(out: Path, cfg: TrainConfig) -> Path:
         module.eval().requires_grad_(False)
     log = LossLog()
     train_vae(pipe.vae, cfg, log)
+    recon = reconstruction_accuracy(pipe.vae, seed=cfg.seed + 11)
+    tqdm.write("vae reconstructions: " + "  ".join(f"{k} {v:.0%}" for k, v in recon.items()))
     set_latent_statistics(pipe.vae, seed=cfg.seed + 7)
     train_transformer(pipe, cfg, log, out)
     minutes = (time.perf_counter() - start) / 60
-    info = {**asdict(cfg), "minutes": round(minutes, 1), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {
+        **asdict(cfg),
+        "vae_reconstruction_accuracy": recon,
+        "minutes": round(minutes, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     (out / "training" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -372,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("vae_lr", "lr", "ema"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--vae-channels",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=defaults.vae_channels,
+        help="VAE block widths, one level each: 3 levels downsample 4x, 4 levels 8x (default %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = vars(parser.parse_args(argv))
     out, threads = args.pop("out"), args.pop("threads")
