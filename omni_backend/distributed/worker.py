@@ -12,6 +12,14 @@ is pickled, never the data); output images are turned into tensors for that.
 A rank that dies (OOM kill, segfault) is noticed within ``POLL_S`` while the driver waits: the step
 fails with a WorkerDiedError naming the rank (the engine fails every request in flight with it),
 the rest of the group is stopped and the next step starts a fresh group (the states were lost).
+
+Only rank 0 answers a step, but a fault can hit one rank alone (pipeline parallel's last stage runs
+the scheduler steps; a device runs out of memory). Such a rank reports the requests it failed; one
+that rank 0 kept (or rank 0 still not answering that step DIVERGENCE_GRACE_S later) means the ranks'
+states disagree and a collective would wait for a peer that never comes (until COLLECTIVE_TIMEOUT_S):
+the driver stops the group and fails the step with a RanksDivergedError naming the rank and its
+error, as for a dead rank. Requests rank 0 failed
+alone are aborted on the other ranks, so none keeps their state.
 The launcher, seeing the rank gone, also takes the model out of service for a reload
 (serving/supervisor.py): Triton 2.51 offers a Python model no way to report itself unready.
 """
@@ -23,6 +31,7 @@ import multiprocessing as std_mp
 import os
 import queue
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +56,23 @@ from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component
 from omni_backend.runner.control import RunnerControl
 from omni_backend.runner.model_runner import ModelRunner, RunnerOutput, load_stages
+from omni_backend.testing import faults
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting driver checks that every rank is alive
 COLLECTIVE_TIMEOUT_S = 60.0  # a survivor blocked on a dead peer gives up after this (it is stopped anyway)
+# a rank reported failing requests in a step rank 0 has not answered: if rank 0 failed them too (the same
+# fault on every rank) it answers about as soon; if it waits on that rank's part, it never does
+DIVERGENCE_GRACE_S = 10.0
 
 
 class WorkerDiedError(RuntimeError):
     """A rank of the worker group exited; the requests in flight are lost."""
+
+
+class RanksDivergedError(RuntimeError):
+    """A rank failed requests that rank 0 kept: the ranks' states no longer agree (the group restarts)."""
 
 
 @dataclass
@@ -105,17 +122,23 @@ def _rank_main(rank: int, world: int, setup: _RankSetup, commands: Any, results:
         return
     # the runner calls stages.denoise (and step): on a rank, the distributed calls (instance attributes)
     denoiser.install()
+    stages = faults.maybe_inject_on_rank(stages, rank, world)
     # only rank 0 answers, so only rank 0 decodes images
     control = RunnerControl(lambda: stages, setup.config, setup.components, setup.name, rank)
     runner = ModelRunner(stages, setup.output if rank == 0 else RunnerOutput.LATENTS, control=control)
     if rank == 0:
         results.put(("ready", os.getpid()))
+    steps = 0
     while (command := commands.get()) is not None:
         verb, payload = command
         if verb == "execute":
+            steps += 1
             result = runner.execute(payload)
             if rank == 0:
                 results.put(("result", _to_shared(result)))
+            elif failed := [output for output in result.finished if output.error is not None]:
+                report = (rank, steps, [output.request_id for output in failed], failed[0].error)
+                results.put(("failed", report))
         elif verb == "abort":
             runner.abort(payload)
         elif verb == "control":  # every rank answers: each has its own profiler (and trace file)
@@ -143,6 +166,9 @@ class ParallelRunner:
         self.output = output
         self._setup = (config, components, output, device, name)
         self._procs: list[std_mp.process.BaseProcess] = []
+        self._steps = 0  # steps of the current group, numbered as every rank numbers them
+        self._failed_on_rank0: dict[int, set[str]] = {}  # step -> the requests rank 0 failed in it
+        self._reports: list[tuple[float, int, int, list[str], str]] = []  # (arrival, rank, step, failed, why)
         self._start()
 
     def _start(self) -> None:
@@ -171,10 +197,31 @@ class ParallelRunner:
                 message = self._results.get(timeout=POLL_S)
             except queue.Empty:
                 self._check_alive()
+                self._check_reports()
                 continue
             # rank 0 may answer because a collective failed on the dead peer: report the death, not that
             self._check_alive()
+            if message[0] == "failed":
+                self._reports.append((time.monotonic(), *message[1]))
+                self._check_reports()
+                continue
             return message
+
+    def _check_reports(self) -> None:
+        """Raise RanksDivergedError once another rank failed a request that rank 0 kept in the same step."""
+        waiting = []
+        for arrival, rank, step, failed, why in self._reports:
+            known = self._failed_on_rank0.get(step)
+            if known is None and time.monotonic() - arrival < DIVERGENCE_GRACE_S:
+                waiting.append((arrival, rank, step, failed, why))  # rank 0 is still on that step
+            elif known is None or set(failed) - known:
+                logger.error("parallel worker rank %d failed requests %s that rank 0 kept: %s", rank, failed, why)
+                self.close()
+                raise RanksDivergedError(
+                    f"parallel worker rank {rank} failed where rank 0 did not ({why}); "
+                    "the group restarts and its requests are lost"
+                )
+        self._reports = waiting
 
     def _check_alive(self) -> None:
         dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
@@ -191,9 +238,18 @@ class ParallelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         if not self._procs:  # the previous group died: its states are gone, start afresh
             self._start()
+        self._steps += 1
         self._broadcast("execute", plan)
         kind, payload = self._receive()
-        return _from_shared(payload)
+        result = _from_shared(payload)
+        failed = {output.request_id for output in result.finished if output.error is not None}
+        self._failed_on_rank0[self._steps] = failed
+        self._failed_on_rank0.pop(self._steps - 64, None)  # a report comes within a step or two
+        self._check_reports()
+        if failed:  # the other ranks may still hold them (a fault on rank 0 alone)
+            for commands in self._commands[1:]:
+                commands.put(("abort", sorted(failed)))
+        return result
 
     def abort(self, request_ids: list[str]) -> None:
         if self._procs:
@@ -235,6 +291,7 @@ class ParallelRunner:
                 proc.kill()
                 proc.join()
         self._procs = []
+        self._steps, self._failed_on_rank0, self._reports = 0, {}, []
         self._rendezvous_dir.cleanup()
 
 

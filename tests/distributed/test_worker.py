@@ -1,20 +1,28 @@
-"""The worker group behind the runner interface: parity, a killed rank (a bad layout: tests/e2e)."""
+"""The worker group behind the runner interface: parity, a killed rank, a fault on one rank alone
+(a bad layout: tests/e2e)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 from omni_backend.config import EngineConfig, parse_model_config
-from omni_backend.distributed.worker import ParallelRunner, WorkerDiedError
+from omni_backend.distributed.worker import (
+    COLLECTIVE_TIMEOUT_S,
+    ParallelRunner,
+    RanksDivergedError,
+    WorkerDiedError,
+)
 from omni_backend.engine.scheduler import StepPlan, StepScheduler
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.runner.model_runner import RunnerOutput
+from omni_backend.testing import faults
 from omni_backend.testing.compare import assert_same_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -79,3 +87,29 @@ def test_killed_rank_fails_the_step_and_the_group_restarts(runner, flux_referenc
     outputs = run_to_completion(runner, [fresh])
     assert_same_image(outputs["6"].outputs["image"], expect(flux_reference, fresh))
 
+
+def test_a_step_failing_on_the_last_pipeline_rank_alone_fails_fast_and_the_group_restarts(
+    tiny_flux, flux_reference, monkeypatch
+):
+    """pp2: the last rank alone runs the scheduler step; when it fails there, rank 0 would wait for the
+    latents until the collective timeout. The driver sees the last rank's report and restarts the group."""
+    monkeypatch.setenv(faults.ENV, "1")  # the spawned ranks inherit it
+    stages = FluxStages.load(str(tiny_flux), Component.ALL, torch.float32, torch.device("cpu"), FluxOptions())
+    runner = ParallelRunner(stages, model_config(tiny_flux, pipeline_parallel_size=2), Component.ALL,
+                            RunnerOutput.IMAGE, "cpu")  # fmt: skip
+    try:
+        marked = f"a {faults.LAST_RANK_STEP_MARKER}"
+        doomed = DiffusionRequest("7", SamplingParams(64, 64, 4, 3.5, 1.0, 7), prompt=marked)
+        start = time.monotonic()
+        with pytest.raises(RanksDivergedError, match="rank 1 failed where rank 0 did not .*injected"):
+            run_to_completion(runner, [doomed])
+        elapsed = time.monotonic() - start
+        print(f"failed after {elapsed:.1f} s")
+        assert elapsed < COLLECTIVE_TIMEOUT_S / 2  # a liveness bound: not the collective timeout
+        assert not runner._procs  # the group was stopped
+        fresh = request(8, None, 1.0, 3)  # the next request gets a fresh group, right
+        outputs = run_to_completion(runner, [fresh])
+        assert outputs["8"].error is None, outputs["8"].error
+        assert_same_image(outputs["8"].outputs["image"], expect(flux_reference, fresh))
+    finally:
+        runner.close()
