@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from omni_backend import serve
-from omni_backend.testing.server import TritonServerProcess, free_ports, live_group_members, pid_alive
+from omni_backend.serving.procs import pid_alive
+from omni_backend.testing.server import TritonServerProcess, free_ports, live_group_members
 
 ADD_ONE_CONFIG = """
 name: "{name}"

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from omni_backend.serving.procs import group_members as live_group_members
+
 _SERVER_PID = re.compile(r"\[omni-serve\] tritonserver pid (\d+)")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -44,31 +46,6 @@ def free_ports(n: int = 3) -> tuple[int, ...]:
     finally:
         for s in socks:
             s.close()
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the non-zombie processes in process group ``pgid`` (Linux /proc)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _killpg(pgid: int, sig: int) -> None:
