@@ -5,7 +5,9 @@
 #      one request and a step batch of 4,
 #   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages,
 #   4. step-level batching through tritonserver (benchmarks/step_batching.py, FLUX.1's block width),
-#   5. Wan2.2's layerwise offload row alone (wan22_layerwise; not in the default run: step 3 has it).
+#   5. not in the default run: Wan2.2's resident and layerwise offload rows alone (wan22_layerwise; step 3
+#      has them), the offload tests alone (offload_cuda), and the parallel-modes benchmark on this machine's
+#      quiet cores plus its single-GPU loop (parallel).
 # Results go to $OUT (default benchmarks/results/gpu); each step has its own time limit, so a slow
 # one costs only itself. STEPS="cuda_tests flux" runs only those. What the GPU machine lacks travels
 # in .gpu/ (packed here by benchmarks/gpu_bundle.sh): Python packages and the tritonserver of the
@@ -59,5 +61,7 @@ step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --s
     --out "$OUT/full_size.csv"
 step step_batching 330 python3 -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 \
     --sizes 512 1024 --warmup 8 --requests 48 --quiet-wait 5 --out "$OUT" --server-log "$OUT/server.log"
-step wan22_layerwise 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload layerwise --steps 2 \
-    --repeats 1 --out "$OUT/full_size.csv"
+step wan22_layerwise 270 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload none layerwise \
+    --steps 2 --repeats 1 --out "$OUT/full_size.csv"
+step offload_cuda 120 python3 -m pytest -q -s -p no:cacheprovider -k cuda tests/acceleration/test_offload.py
+step parallel 240 python3 -m benchmarks.parallel --gpu --out "$OUT/parallel.json"

@@ -8,7 +8,8 @@ branches and pipeline parallel has four micro-batches in flight.
 
     python -m benchmarks.parallel [--size 256 --steps 4 --heads 8 --layers 4,8] [--smoke]
 
-Prints a markdown table (and writes ``--out`` JSON). Needs 2 cores.
+Prints a markdown table (and writes ``--out`` JSON). Needs 2 cores. ``--gpu`` also times the same
+loop in-process on one CUDA device (float32 and bfloat16): the single-GPU figures of this workload.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from omni_backend.request import DiffusionRequest, SamplingParams
-from omni_backend.testing.parallel import LAYOUTS_2, run_parallel
+from omni_backend.testing.parallel import LAYOUTS_2, denoise_loop, load_transformer_stage, run_parallel
 from omni_backend.testing.tiny import build_tiny_flux
 
 # the 2-rank layouts the parallel tests cover, at sizes the degree divides
@@ -65,6 +67,19 @@ def workload(size: int, steps: int, text_len: int) -> list:
     return cases
 
 
+def gpu_seconds(checkpoint: str, cases: list, dtype: torch.dtype, repeats: int) -> float:
+    """Fastest of ``repeats`` denoising loops on one CUDA device, after one warm-up loop."""
+    stages = load_transformer_stage("flux", checkpoint, "cuda", dtype)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        started = time.perf_counter()  # denoise_loop's own clock stops before queued kernels finish
+        denoise_loop(stages, stages.denoise, cases)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parallel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (256: 256 image tokens)")
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="baseline + parallel pairs per mode")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--gpu", action="store_true", help="also time the loop on one CUDA device")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.text_len, args.heads, args.layers, args.repeats = 32, 1, 8, 2, "1,1", 1
@@ -87,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         # about the same machine load, and the speedup is the median of those pairs
         jobs = [job for name in LAYOUTS for _ in range(args.repeats) for job in ((None, cases), (LAYOUTS[name], cases))]
         runs = run_parallel("flux", checkpoint, jobs, pin_cores=True)
+        gpu = {str(dtype).removeprefix("torch."): gpu_seconds(checkpoint, cases, dtype, args.repeats)
+               for dtype in (torch.float32, torch.bfloat16)} if args.gpu else {}  # fmt: skip
     rows = {}
     for i, name in enumerate(LAYOUTS):
         pairs = runs[2 * i * args.repeats : 2 * (i + 1) * args.repeats]
@@ -102,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         target = f">= {TARGETS[name]}" if name in TARGETS else "report"
         print(f"| {name} | {LAYOUTS[name].world_size} | {row['single_s']:.3f} | {row['parallel_s']:.3f} | "
               f"{row['speedup']:.2f}x | {target} |")  # fmt: skip
+    for dtype, seconds in gpu.items():
+        print(f"\nOne {torch.cuda.get_device_name()}, {dtype}, in-process: {seconds:.3f} s for the same loop")
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "modes": rows}, indent=2))
+        results = {"args": vars(args) | {"out": str(args.out)}, "modes": rows, "gpu_s": gpu}
+        args.out.write_text(json.dumps(results, indent=2))
     return 0
 
 

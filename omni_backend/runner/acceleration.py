@@ -68,7 +68,10 @@ def _apply_offload(
 ) -> ModelOffloader:
     groups = stages.module_groups()
     if mode == "layerwise" and "transformer" in groups:
-        transformers = groups.pop("transformer")
+        transformers = groups["transformer"]
+        # the hooks move the blocks; the offloader's transformer group stays empty so that denoising
+        # still evicts the text encoders (without it they stayed on the device until decode)
+        groups["transformer"] = []
         for transformer in transformers:  # every expert of a mixture (Wan2.2 A14B) sweeps its own window
             apply_layerwise_offload(transformer, device, window)
         size = _nbytes(transformers)

@@ -52,10 +52,11 @@ def denoise_loop(
     return LoopResult(latents, time.perf_counter() - started)
 
 
-def load_transformer_stage(family: str, checkpoint: str) -> PipelineStages:
-    return resolve_family(family).load(
-        checkpoint, Component.TRANSFORMER, torch.float32, torch.device("cpu"), resolve_family(family).options_cls()
-    )
+def load_transformer_stage(
+    family: str, checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> PipelineStages:
+    spec = resolve_family(family)
+    return spec.load(checkpoint, Component.TRANSFORMER, dtype, torch.device(device), spec.options_cls())
 
 
 def _put(results: mp.Queue, result: LoopResult) -> None:
