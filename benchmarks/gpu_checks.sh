@@ -19,11 +19,18 @@ mkdir -p "$OUT"
 if [[ -f .gpu/site.tar.xz ]]; then
     mkdir -p /tmp/site
     for bundle in .gpu/site.tar.xz .gpu/triton.tar.xz; do [[ -f $bundle ]] && tar -C /tmp/site -xJf "$bundle"; done
+    # numpy < 2 only where OMNI_NUMPY1 is set (the tritonserver step): Triton 2.51's backend stub copies
+    # its input tensors through a numpy 1 ABI (under numpy 2 every byte reads as the first one), while
+    # the machine's scipy needs numpy 2 (np.long): with numpy 1 it is hidden (diffusers and transformers
+    # import it only if present), and peft with it
+    mkdir -p /tmp/np1 && mv /tmp/site/numpy /tmp/site/numpy-*.dist-info /tmp/site/numpy.libs /tmp/np1/ 2>/dev/null
     export PYTHONPATH=/tmp/site
     # tritonserver's backend stubs did not see PYTHONPATH there: a .pth file reaches every interpreter
-    # that uses this Python's site-packages, and puts the carried packages (numpy < 2 among them) first
-    python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" |
-        xargs -I{} sh -c 'echo "import sys; sys.path.insert(0, \"/tmp/site\")" >{}/omni_gpu_site.pth'
+    # that uses this Python's site-packages, and puts the carried packages first
+    cat >"$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/omni_gpu_site.pth" <<'PTH'
+import sys; sys.path.insert(0, "/tmp/site")
+import os, sys; os.environ.get("OMNI_NUMPY1") and (sys.path.insert(0, "/tmp/np1") or sys.modules.update(scipy=None, peft=None))
+PTH
 fi
 # The backend stub loads the shared libpython of the machine's Python; where there is none (a static
 # build), use the carried one.
@@ -59,8 +66,8 @@ step flux_batch4 240 python3 -m benchmarks.full_size --family flux --ours --batc
 step qwen_image 150 python3 -m benchmarks.full_size --family qwen_image --repeats 1 --out "$OUT/full_size.csv"
 step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --steps 2 --repeats 1 \
     --out "$OUT/full_size.csv"
-step step_batching 330 python3 -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 \
-    --sizes 512 1024 --warmup 8 --requests 48 --quiet-wait 5 --out "$OUT" --server-log "$OUT/server.log"
+step step_batching "${SB_LIMIT:-330}" env OMNI_NUMPY1=1 python3 -m benchmarks.step_batching --checkpoint wide --device cuda \
+    --dtype bfloat16 --sizes 512 1024 --warmup 8 --requests "${SB_REQUESTS:-48}" --quiet-wait 5 --out "$OUT" --server-log "$OUT/server.log"
 step wan22_layerwise 270 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload none layerwise \
     --steps 2 --repeats 1 --out "$OUT/full_size.csv"
 step offload_cuda 120 python3 -m pytest -q -s -p no:cacheprovider -k cuda tests/acceleration/test_offload.py
