@@ -13,8 +13,17 @@ This is vLLM-Omni's AsyncLatents (``vllm_omni.diffusion.distributed.pipeline_par
 transparent tensor proxy: the latents are resolved explicitly where they are read, and code that
 reads an unresolved one fails loudly (an ``AsyncLatents`` is no tensor) instead of reading stale values.
 
+Without CFG-parallel the last stage steps each request as soon as its rows are through the pipeline
+(``step_early``), inside the transformer call, and the first stage waits for a request's latents only
+when that request's first row is next (the denoiser builds the rows lazily): in steady state the
+first stage runs a request's next step while the last stage still runs the other requests' rows of
+the current one, so the pipeline does not drain between steps. A request whose preview is due this
+step is stepped in ``step`` as before (its clean latents come from the state before the step).
+
 A first and a last stage number their messages in the order both issue them (every rank runs the
-same plans over the same states in the same order); the number is the message's tag.
+same plans over the same states in the same order); the number is the message's tag. The early
+latents' numbers are taken by ``plan_sends`` before the call, on both ends, as the previews and the
+other latents come later on the first stage but may come first on the last.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ class PipelineStepper:
         self.peer = groups.global_rank(pp=last if self.is_first else 0)
         self.pending: dict[str, AsyncLatents] = {}  # first stage: request id -> its latents in flight
         self._messages = 0
+        self._early_tags: dict[str, int] = {}  # request id -> tag of its latents, for those stepped early
+        self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # last stage: early sends, awaited in ``step``
         # the family's methods (bound), which ``install`` replaces on this rank's stages
         self._step = stages.step
         self._clean = stages.predicted_clean_latents
@@ -73,24 +84,55 @@ class PipelineStepper:
             if pending is not None:
                 state.latents = pending.wait()
 
+    def plan_sends(self, states: Sequence[DenoiseState], early: bool) -> None:
+        """Every rank, before a transformer call over ``states``: with ``early``, the requests without a
+        preview due this step will be stepped during the call, and their latents' tags are taken now."""
+        due = [s.request.request_id for s in states if early and not s.preview_due]
+        self._early_tags = {request_id: self._tag() for request_id in due}
+
+    def step_early(self, state: DenoiseState, noise_pred: torch.Tensor) -> None:
+        """Last stage, inside the transformer call: step ``state`` now and send its latents without waiting.
+
+        Its step index moves in ``step``, where the runner expects the step (the runner reads it
+        between the two calls, e.g. whether a preview is due)."""
+        tag = self._early_tags.get(state.request.request_id)
+        if not self.is_last or tag is None:
+            return
+        self._step_and_cast([state], [noise_pred])
+        state.step_index -= 1
+        latents = state.latents.contiguous()
+        self._in_flight.append((dist.isend(latents, self.peer, tag=tag), latents))
+
     def step(self, states: Sequence[DenoiseState], noise_preds: Sequence[torch.Tensor | None]) -> None:
+        early, self._early_tags = self._early_tags, {}
         if self.is_last:
-            # the first stage receives into a buffer typed like the latents before the step; every
-            # family's scheduler keeps that dtype (FlowMatch returns the model's, in which the families
-            # prepare their latents; UniPC the sample's), the cast only keeps both ends equal if one did not
-            dtypes = [s.latents.dtype for s in states]
-            self._step(states, noise_preds)  # type: ignore[arg-type]
-            for state, dtype in zip(states, dtypes, strict=True):
-                state.latents = state.latents.to(dtype)
-            self._send([s.latents for s in states])
+            late = [(s, p) for s, p in zip(states, noise_preds, strict=True) if s.request.request_id not in early]
+            if late:
+                self._step_and_cast([s for s, _ in late], [p for _, p in late])  # type: ignore[misc]
+                self._send([s.latents for s, _ in late])
+            for state in states:
+                if state.request.request_id in early:
+                    state.step_index += 1
+            for handle, _ in self._in_flight:  # the first stage has posted these receives by now
+                handle.wait()
+            self._in_flight.clear()
             return
         for state in states:
             if self.is_first:
                 buffer = torch.empty_like(state.latents)
-                pending = AsyncLatents(buffer, self._receive(buffer))
+                pending = AsyncLatents(buffer, self._receive(buffer, early.get(state.request.request_id)))
                 self.pending[state.request.request_id] = pending  # by id: release gets ids only
                 state.latents = pending  # type: ignore[assignment]  # no tensor: unresolved reads fail loudly
             state.step_index += 1
+
+    def _step_and_cast(self, states: Sequence[DenoiseState], noise_preds: Sequence[torch.Tensor]) -> None:
+        # the first stage receives into a buffer typed like the latents before the step; every family's
+        # scheduler keeps that dtype (FlowMatch returns the model's, in which the families prepare their
+        # latents; UniPC the sample's), the cast only keeps both ends equal if one did not
+        dtypes = [s.latents.dtype for s in states]
+        self._step(states, noise_preds)
+        for state, dtype in zip(states, dtypes, strict=True):
+            state.latents = state.latents.to(dtype)
 
     def predicted_clean_latents(self, state: DenoiseState, noise_pred: torch.Tensor | None) -> torch.Tensor:
         """The preview's clean latents: computed by the last stage, waited for by the first (which decodes)."""
@@ -126,5 +168,5 @@ class PipelineStepper:
         for handle in sends:  # the first stage has posted (or is about to post) these receives
             handle.wait()
 
-    def _receive(self, buffer: torch.Tensor) -> dist.Work:
-        return dist.irecv(buffer, self.peer, tag=self._tag())
+    def _receive(self, buffer: torch.Tensor, tag: int | None = None) -> dist.Work:
+        return dist.irecv(buffer, self.peer, tag=self._tag() if tag is None else tag)

@@ -12,12 +12,16 @@ under pipeline parallel, runs the same scheduler steps, so only the transformer 
   them, each parallelized the same way; a call groups the states by the expert of their step.
 - Pipeline parallel runs the slice's rows as micro-batches through the ``pp`` stages (pipeline.py);
   only the last stage gets the predictions, and it alone runs the scheduler step (async_latents.py).
+  Without CFG-parallel the micro-batches go request by request, each built only when it runs, and
+  the last stage steps a request as soon as its rows are through, so the first stage starts the
+  request's next step while the last one finishes the current step of the others.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,10 +70,14 @@ class ParallelDenoiser:
 
         Under pipeline parallel the predictions are on the last stage only (None on the others)."""
         states = list(states)
-        if self.stepper is not None:
-            self.stepper.resolve(states)  # the first stage reads their latents now
-        preds: list[torch.Tensor | None] = [None] * len(states)
         experts = [self.spec.expert(self.stages, s) for s in states]
+        if self.stepper is not None:
+            early = self.groups.size("cfg") == 1
+            order = sorted(range(len(states)), key=experts.__getitem__)  # the experts' calls run in turn
+            self.stepper.plan_sends([states[i] for i in order], early)
+            if not early:
+                self.stepper.resolve(states)  # the first stage reads their latents now
+        preds: list[torch.Tensor | None] = [None] * len(states)
         for expert in sorted(set(experts)):
             group = [i for i, e in enumerate(experts) if e == expert]
             for i, pred in zip(group, self._expert_denoise(expert, [states[i] for i in group]), strict=True):
@@ -80,8 +88,10 @@ class ParallelDenoiser:
         rows = self.rows.denoise_rows(states)
         cfg_ranks = self.groups.size("cfg")
         mine = cfg_slice(rows, cfg_ranks, self.groups.local_rank("cfg"))
+        if self.pipelines is not None and cfg_ranks == 1:
+            return self._pipeline_denoise(self.pipelines[expert], states)
         if self.pipelines is not None:
-            noise = self.pipelines[expert].forward([self.rows.transformer_inputs([row]) for row in mine])
+            noise = self.pipelines[expert].forward([partial(self.rows.transformer_inputs, [row]) for row in mine])
             if noise is None:  # not the last stage; the cfg all-gather below runs among the last stages
                 return [None] * len(states)
         else:
@@ -91,6 +101,30 @@ class ParallelDenoiser:
             dist.all_gather(parts, noise.contiguous(), group=self.groups.group("cfg"))
             noise = torch.cat(parts)[: len(rows)]
         return self.rows.combine_rows(states, noise)  # type: ignore[return-value]
+
+    def _pipeline_denoise(self, pipeline: PipelineStage, states: list[DenoiseState]) -> list[torch.Tensor | None]:
+        """Micro-batches request by request; the last stage steps each request once its rows are through."""
+        assert self.stepper is not None
+        stepper = self.stepper
+        rows = [self.rows.denoise_rows([state]) for state in states]  # rows reference states, read nothing yet
+        owners = [k for k, its in enumerate(rows) for _ in its]
+        outputs: list[list[torch.Tensor]] = [[] for _ in states]
+        preds: list[torch.Tensor | None] = [None] * len(states)
+
+        def inputs(state: DenoiseState, row: Any) -> dict[str, Any]:
+            stepper.resolve([state])  # first stage: waits for this request's latents only now
+            return self.rows.transformer_inputs([row])
+
+        def on_output(i: int, noise: torch.Tensor) -> None:
+            k = owners[i]
+            outputs[k].append(noise)
+            if len(outputs[k]) == len(rows[k]):
+                preds[k] = self.rows.combine_rows([states[k]], torch.cat(outputs[k]))[0]
+                stepper.step_early(states[k], preds[k])
+
+        micro_batches = [partial(inputs, state, row) for state, its in zip(states, rows, strict=True) for row in its]
+        pipeline.forward(micro_batches, on_output)
+        return preds
 
     def _transformer(self, transformer: torch.nn.Module, inputs: dict) -> torch.Tensor:
         ulysses, ring = self.groups.size("ulysses"), self.groups.size("ring")

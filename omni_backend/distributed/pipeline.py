@@ -12,6 +12,7 @@ when it uses them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,24 +56,39 @@ class PipelineStage:
     def is_last(self) -> bool:
         return self.next is None
 
-    def forward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor | None:
-        """Noise predictions of all micro-batches, concatenated, on the last stage; None on the others."""
-        carries = [self.spec.embed(self.transformer, inputs) for inputs in micro_batches]
-        receives = []
-        if self.prev is not None:  # post every receive now; wait for each only when it is needed
-            for i, carry in enumerate(carries):
-                receives.append([dist.irecv(x, self.prev, tag=2 * i + j) for j, x in enumerate(_sent(carry))])
+    def forward(
+        self,
+        micro_batches: Sequence[Callable[[], dict[str, Any]]],
+        on_output: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor | None:
+        """Noise predictions of all micro-batches, concatenated, on the last stage; None on the others.
+
+        Each micro-batch makes its transformer inputs when called. The first stage calls each one only
+        when it is about to run it (its latents may still be on their way: async_latents.py); a later
+        stage calls them all first, to post every receive. The last stage hands each micro-batch's
+        prediction to ``on_output`` as soon as it has it."""
+        later = self.prev is not None
+        carries = [self.spec.embed(self.transformer, make()) for make in micro_batches] if later else []
+        receives = [  # a later stage posts every receive now and waits for each only when it is needed
+            [dist.irecv(x, self.prev, tag=2 * i + j) for j, x in enumerate(_sent(carry))]
+            for i, carry in enumerate(carries)
+        ]
         sends, outputs = [], []
-        for i, carry in enumerate(carries):
-            if receives:
+        for i, make in enumerate(micro_batches):
+            if later:
+                carry = carries[i]
                 for handle in receives[i]:
                     handle.wait()
+            else:
+                carry = self.spec.embed(self.transformer, make())
             for block in self.blocks:
                 self.spec.run_block(block, carry)
             if self.next is not None:
                 sends += [dist.isend(x.contiguous(), self.next, tag=2 * i + j) for j, x in enumerate(_sent(carry))]
             else:
                 outputs.append(self.spec.head(self.transformer, carry))
+                if on_output is not None:
+                    on_output(i, outputs[-1])
         for handle in sends:
             handle.wait()
         return torch.cat(outputs) if self.is_last else None

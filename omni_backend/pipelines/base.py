@@ -61,6 +61,13 @@ class DenoiseState:
     def finished(self) -> bool:
         return self.step_index >= len(self.timesteps)
 
+    @property
+    def preview_due(self) -> bool:
+        """Whether the step being taken now sends a preview (the last step sends the output instead)."""
+        every = self.request.preview_every
+        step = self.step_index + 1  # 1-based
+        return every > 0 and step % every == 0 and step < len(self.timesteps)
+
 
 class PipelineStages(ABC):
     """A diffusion family on the stage API. Subclasses live in ``pipelines/<family>.py``."""

@@ -47,12 +47,6 @@ class RunnerOutput(enum.Enum):
 PREVIEW_MAX_SIDE = 256  # previews are for a progress UI: small, cheap to send
 
 
-def _preview_due(state: DenoiseState) -> bool:
-    every = state.request.preview_every
-    step = state.step_index + 1  # the step being taken now, 1-based
-    return every > 0 and step % every == 0 and step < len(state.timesteps)  # the last step sends the image
-
-
 def downscale_preview(pixels: np.ndarray) -> np.ndarray:
     """An image [H, W, 3], or each frame of a video [frames, H, W, 3], at most PREVIEW_MAX_SIDE on its long side."""
     height, width = pixels.shape[-3:-1]
@@ -158,7 +152,7 @@ class ModelRunner:
             return result
         try:
             # previews come from the clean latents predicted at this step, before the update
-            due = [(s, p) for s, p in zip(running, noise_preds, strict=True) if _preview_due(s)]
+            due = [(s, p) for s, p in zip(running, noise_preds, strict=True) if s.preview_due]
             clean = [self.stages.predicted_clean_latents(s, p) for s, p in due]
             self.stages.step(running, noise_preds)
         except Exception as exc:

@@ -9,6 +9,10 @@ back; the first stage posts the receive and goes on without waiting (AsyncLatent
   joining mid-way, previews, a cancelled request whose latents were in flight; equal progress,
   previews and images.
 - cfg2 x pp2: each cfg rank's pipeline carries its share of the rows; the last stages all-gather.
+- The pipeline does not drain between steps: the last rank holds request 1's row of step 1 until
+  rank 0 has started request 0's rows of step 2 (an event between the processes). That needs the last
+  stage to have stepped request 0 and sent its latents early, and rank 0 to wait for request 1's
+  latents only when request 1 is next; if either waited for the whole step, the ranks would deadlock.
 """
 
 from __future__ import annotations
@@ -175,3 +179,46 @@ def test_worker_group_pp2_joins_previews_and_cancels_like_one_process(tiny_flux,
             width=p.width, num_inference_steps=p.num_inference_steps,
         )  # fmt: skip
         assert_same_image(outputs[r.request_id].outputs["image"], reference)
+
+
+def _overlap_rank_main(rank: int, init_method: str, checkpoint: str, cases: list, started: Any, results: Any) -> None:
+    torch.set_num_threads(1)
+    init_process_group(rank, 2, torch.device("cpu"), init_method, timeout_s=120)
+    try:
+        stages = load_transformer_stage("flux", checkpoint)
+        parallel = ParallelConfig(pipeline_parallel_size=2)
+        denoiser = ParallelDenoiser(stages, resolve_spec("flux"), build_groups(parallel, torch.device("cpu")))
+        denoiser.install()
+        rows = [0]  # micro-batches this rank's stage has started: 3 per step (request 0 with CFG, request 1)
+
+        def on_row(*_: Any) -> None:
+            rows[0] += 1
+            if rank == 0 and rows[0] == 4:  # request 0's first row of step 2
+                started.set()
+            if rank == 1 and rows[0] == 3 and not started.wait(WAIT_S):  # request 1's row of step 1
+                raise RuntimeError("rank 0 did not start step 2 while the last stage was still in step 1")
+
+        denoiser.pipelines[0].blocks[0].register_forward_pre_hook(on_row)
+        result = denoise_loop(stages, stages.denoise, cases)
+        if rank == 0:
+            results.put([x.numpy() for x in result.latents])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_first_stage_starts_the_next_step_before_the_last_stage_ends_this_one(tiny_flux, flux, cases):
+    expected = denoise_loop(flux, flux.denoise, cases).latents
+    ctx = mp.get_context("spawn")
+    started, results = ctx.Event(), ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="omni-group-") as directory:
+        args = (rendezvous(directory), str(tiny_flux), cases, started, results)
+        procs = mp.start_processes(_overlap_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
+        latents = None
+        while latents is None:
+            try:
+                latents = results.get(timeout=1.0)
+            except queue.Empty:  # raises with a rank's traceback if one failed (the deadlock guard included)
+                procs.join(timeout=0)
+        procs.join()
+    for i, (want, got) in enumerate(zip(expected, latents, strict=True)):
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4, msg=f"request {i}")
