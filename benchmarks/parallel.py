@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--gpu", action="store_true", help="also time the loop on one CUDA device")
+    parser.add_argument("--modes", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS), help="default: all")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.text_len, args.heads, args.layers, args.repeats = 32, 1, 8, 2, "1,1", 1
@@ -101,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         cases = workload(args.size, args.steps, args.text_len)
         # one group of 2 ranks; each parallel run follows a baseline run (rank 0 alone), so both see
         # about the same machine load, and the speedup is the median of those pairs
-        jobs = [job for name in LAYOUTS for _ in range(args.repeats) for job in ((None, cases), (LAYOUTS[name], cases))]
+        modes = [name for name in LAYOUTS if name in args.modes]
+        jobs = [job for name in modes for _ in range(args.repeats) for job in ((None, cases), (LAYOUTS[name], cases))]
         runs = run_parallel("flux", checkpoint, jobs, pin_cores=True)
         gpu = {str(dtype).removeprefix("torch."): gpu_seconds(checkpoint, cases, dtype, args.repeats)
                for dtype in (torch.float32, torch.bfloat16)} if args.gpu else {}  # fmt: skip
     rows = {}
-    for i, name in enumerate(LAYOUTS):
+    for i, name in enumerate(modes):
         pairs = runs[2 * i * args.repeats : 2 * (i + 1) * args.repeats]
         base = [r.seconds for r in pairs[0::2]]
         mine = [r.seconds for r in pairs[1::2]]
