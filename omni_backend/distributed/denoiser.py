@@ -85,11 +85,11 @@ class ParallelDenoiser:
         return preds
 
     def _expert_denoise(self, expert: int, states: list[DenoiseState]) -> list[torch.Tensor | None]:
-        rows = self.rows.denoise_rows(states)
         cfg_ranks = self.groups.size("cfg")
-        mine = cfg_slice(rows, cfg_ranks, self.groups.local_rank("cfg"))
         if self.pipelines is not None and cfg_ranks == 1:
             return self._pipeline_denoise(self.pipelines[expert], states)
+        rows = self.rows.denoise_rows(states)
+        mine = cfg_slice(rows, cfg_ranks, self.groups.local_rank("cfg"))
         if self.pipelines is not None:
             noise = self.pipelines[expert].forward([partial(self.rows.transformer_inputs, [row]) for row in mine])
             if noise is None:  # not the last stage; the cfg all-gather below runs among the last stages

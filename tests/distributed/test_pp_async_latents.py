@@ -106,20 +106,27 @@ def _rank_main(rank: int, init_method: str, checkpoint: str, cases: list, steppe
         dist.destroy_process_group()
 
 
-def test_first_stage_posts_the_receive_and_only_the_last_stage_steps(tiny_flux, flux, cases):
-    expected = denoise_loop(flux, flux.denoise, cases).latents
+def _run_two_ranks(rank_main: Any, checkpoint: str, cases: list, replies: int) -> list:
+    """Spawn two ranks running ``rank_main(rank, init_method, checkpoint, cases, event, results)`` (the event
+    is shared between them) and collect ``replies`` results."""
     ctx = mp.get_context("spawn")
-    stepped, results = ctx.Event(), ctx.Queue()
+    event, results = ctx.Event(), ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="omni-group-") as directory:
-        args = (rendezvous(directory), str(tiny_flux), cases, stepped, results)
-        procs = mp.start_processes(_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
-        replies: list = []
-        while len(replies) < 2:
+        args = (rendezvous(directory), checkpoint, cases, event, results)
+        procs = mp.start_processes(rank_main, args=args, nprocs=2, join=False, start_method="spawn")
+        collected: list = []
+        while len(collected) < replies:
             try:
-                replies.append(results.get(timeout=1.0))
+                collected.append(results.get(timeout=1.0))
             except queue.Empty:  # raises with a rank's traceback if one failed (the deadlock guard included)
                 procs.join(timeout=0)
         procs.join()
+    return collected
+
+
+def test_first_stage_posts_the_receive_and_only_the_last_stage_steps(tiny_flux, flux, cases):
+    expected = denoise_loop(flux, flux.denoise, cases).latents
+    replies = _run_two_ranks(_rank_main, str(tiny_flux), cases, replies=2)
     (first, posted, in_flight, latents, left), last = sorted(replies, key=lambda r: isinstance(r, dict))
     assert posted == ["0", "1"] and in_flight == [True, True]  # both receives posted, neither waited for
     assert left == []  # every receive was waited for by the end
@@ -208,17 +215,6 @@ def _overlap_rank_main(rank: int, init_method: str, checkpoint: str, cases: list
 
 def test_first_stage_starts_the_next_step_before_the_last_stage_ends_this_one(tiny_flux, flux, cases):
     expected = denoise_loop(flux, flux.denoise, cases).latents
-    ctx = mp.get_context("spawn")
-    started, results = ctx.Event(), ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="omni-group-") as directory:
-        args = (rendezvous(directory), str(tiny_flux), cases, started, results)
-        procs = mp.start_processes(_overlap_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
-        latents = None
-        while latents is None:
-            try:
-                latents = results.get(timeout=1.0)
-            except queue.Empty:  # raises with a rank's traceback if one failed (the deadlock guard included)
-                procs.join(timeout=0)
-        procs.join()
+    (latents,) = _run_two_ranks(_overlap_rank_main, str(tiny_flux), cases, replies=1)
     for i, (want, got) in enumerate(zip(expected, latents, strict=True)):
         torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4, msg=f"request {i}")
