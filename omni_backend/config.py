@@ -50,6 +50,9 @@ class EngineConfig:
     queue_timeout_s: float = 0.0  # fail requests still waiting after this long (0: no limit)
     max_request_rate: float = 0.0  # requests/s the queue takes, bursts up to max(1, rate) (0: no limit)
     log_stage_timings: bool = False  # log each request's queue/encode/denoise/decode seconds (syncs CUDA)
+    # decode finished images on a second thread while the next steps run (runner/decoder.py); not
+    # with offload, where the VAE takes its turn on the device between the other stages
+    background_decode: bool = True
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,9 @@ class ParallelRunner:
             merged["ranks"] = [replies[rank] for rank in sorted(replies)]
         return merged
 
+    def wait_decoded(self) -> None:
+        """Nothing to wait for: rank 0 decodes in its own step (ModelRunner's engine-thread path)."""
+
     def close(self) -> None:
         """Stop every rank (ours: started by _start) and forget them."""
         for commands, proc in zip(self._commands, self._procs, strict=True):
@@ -308,5 +311,6 @@ def make_runner(
     if config.parallel.world_size == 1:
         control = RunnerControl(lambda: stages, config, components, name, loras=loras)
         synchronize = config.engine.log_stage_timings
-        return ModelRunner(stages, output, synchronize=synchronize, control=control, loras=loras)
+        background_decode = config.engine.background_decode and config.acceleration.offload == "none"
+        return ModelRunner(stages, output, synchronize, control, loras, background_decode)
     return ParallelRunner(stages, config, components, output, str(device), name)

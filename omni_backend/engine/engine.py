@@ -1,11 +1,13 @@
 """The engine: a background thread that runs ``schedule -> execute -> update`` until stopped.
 
 Callers ``submit`` a validated request with callbacks and return at once (Triton's deferred
-responses); the callbacks run on the engine thread. Between steps the engine drops requests
-whose client cancelled or whose queue deadline passed, so nobody's slot burns compute for a
-client that is gone. When the launcher asks to drain (serving/drain.py) the engine refuses new
-requests, fails the queued ones at once and the running ones at the drain deadline, so that every
-client is answered before Triton's exit timeout.
+responses); the callbacks run on the engine thread, also for requests the runner decodes on its
+decode thread (they leave the running batch at once; their outputs are handed back here).
+Between steps the engine drops requests whose client cancelled or whose queue deadline passed,
+so nobody's slot burns compute for a client that is gone. When the launcher asks to drain
+(serving/drain.py) the engine refuses new requests, fails the queued ones at once and the
+running ones at the drain deadline, so that every client is answered before Triton's exit
+timeout.
 
 Control ops (engine/control.py: sleep, wake, profiling, status) queue here too and run on this
 thread between steps, in arrival order, so none races a transformer call. ``sleep`` first lets the
@@ -20,7 +22,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 
 from omni_backend.config import ControlConfig, EngineConfig
 from omni_backend.engine.control import WAITS_FOR_IDLE, ControlCall, ControlReply
@@ -81,6 +85,7 @@ class DiffusionEngine:
         self.scheduler = SCHEDULERS[config.scheduling](config, runner.stages.batch_key, admits)
         self.observer = observer or EngineObserver()
         self._clients: dict[str, _Client] = {}
+        self._decoded: deque[DiffusionOutput] = deque()  # from the decode thread, to deliver here
         self._wakeup = threading.Condition()
         self._stopping = False
         self._next_waiting_poll = 0.0
@@ -130,10 +135,11 @@ class DiffusionEngine:
                 self._fail_all(f"internal error: {exc}", ErrorKind.INTERNAL)
 
     def _has_work(self) -> bool:
-        return self._stopping or self.scheduler.has_work() or bool(self._commands)
+        return self._stopping or self.scheduler.has_work() or bool(self._commands) or bool(self._decoded)
 
     def _iterate(self) -> None:
         """One step: drop abandoned requests, run control ops, schedule, execute, report, deliver."""
+        self._deliver_decoded()
         self._drop_abandoned()
         self._run_commands()
         self._serve_or_refuse_while_asleep()
@@ -147,9 +153,30 @@ class DiffusionEngine:
             self.scheduler.update(plan, result)
             finished = [(self._clients.pop(o.request_id), o) for o in result.finished]
             running = self.scheduler.num_running
+        for decoding in result.decoding:
+            decoding.outputs.add_done_callback(partial(self._on_decoded, decoding.request_ids))
         self._observe(self.observer.on_step, len(plan.running_ids))
         self._observe(self.observer.on_running, running)
         for client, output in finished:
+            self._deliver(client, output)
+        self._deliver_decoded()
+
+    def _on_decoded(self, request_ids: list[str], future: Future[list[DiffusionOutput]]) -> None:
+        """On the decode thread: queue the outputs for the engine thread to deliver."""
+        try:
+            outputs = future.result()
+        except Exception as exc:  # the runner answers its faults; anything else must still answer
+            outputs = [DiffusionOutput(i, error=f"internal error: {exc}") for i in request_ids]
+        with self._wakeup:
+            self._decoded.extend(outputs)
+            self._wakeup.notify()
+
+    def _deliver_decoded(self) -> None:
+        """Answer the requests decoded in the background; one dropped meanwhile (cancelled) was answered then."""
+        with self._wakeup:
+            outputs, self._decoded = list(self._decoded), deque()
+            pairs = [(c, o) for o in outputs if (c := self._clients.pop(o.request_id, None)) is not None]
+        for client, output in pairs:
             self._deliver(client, output)
 
     # ------------------------------------------------------------------ control ops
@@ -169,6 +196,7 @@ class DiffusionEngine:
             self._answer(call, self._run_command(call.op, call.args))
 
     def _run_command(self, op: str, args: dict) -> ControlReply:
+        self.runner.wait_decoded()  # no op may move or drop weights under a decode
         try:
             result = self.runner.run_control(op, args)
         except InvalidRequestError as exc:

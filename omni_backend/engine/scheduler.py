@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from omni_backend.config import EngineConfig
@@ -72,11 +73,20 @@ class StepProgress:
 
 
 @dataclass
+class Decoding:
+    """Requests that left the batch and are being decoded on the runner's decode thread."""
+
+    request_ids: list[str]
+    outputs: Future[list[DiffusionOutput]]  # one per request, errors included
+
+
+@dataclass
 class StepResult:
     """What one engine step produced."""
 
     finished: list[DiffusionOutput] = field(default_factory=list)  # done or failed; leave the batch
     progress: list[StepProgress] = field(default_factory=list)  # every request that took the step
+    decoding: list[Decoding] = field(default_factory=list)  # done denoising; leave the batch, answered later
 
 
 AdmissionGate = Callable[[DiffusionRequest, Collection[DiffusionRequest]], bool]  # (request, running) -> may join
@@ -140,7 +150,8 @@ class StepScheduler:
         self.joining.setdefault(key, []).append(request)
 
     def update(self, plan: StepPlan, result: StepResult) -> None:
-        self.remove(output.request_id for output in result.finished)
+        leaving = [output.request_id for output in result.finished]
+        self.remove(leaving + [i for decoding in result.decoding for i in decoding.request_ids])
 
     def remove(self, request_ids: Iterable[str]) -> list[DiffusionRequest]:
         """Take requests out wherever they are (finished, cancelled, timed out); return those found."""

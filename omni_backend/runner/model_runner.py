@@ -5,11 +5,14 @@ and the ensemble's transformer stage (finished requests hand back ``latents`` fo
 A fault inside a step fails the requests of that step, never the engine; a batch that runs out of
 device memory is retried one request at a time (runner/oom.py). With LoRA adapters configured, a
 joining request's adapter is loaded at admission (between transformer calls) and each call runs
-with its batch's adapter activated (omni_backend/lora/registry.py).
+with its batch's adapter activated (omni_backend/lora/registry.py). With ``background_decode`` the
+finished requests' images are decoded on a second thread (runner/decoder.py) while the next steps
+run; they leave the batch at once and come back through ``StepResult.decoding``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -23,13 +26,14 @@ from PIL import Image
 from omni_backend.config import ModelConfig
 from omni_backend.engine.control import ControlRefusedError
 from omni_backend.engine.observer import AccelerationObserver
-from omni_backend.engine.scheduler import StepPlan, StepProgress, StepResult
+from omni_backend.engine.scheduler import Decoding, StepPlan, StepProgress, StepResult
 from omni_backend.lora.registry import LoraRegistry
 from omni_backend.pipelines.base import Component, DenoiseState, PipelineStages
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionOutput, DiffusionRequest
 from omni_backend.runner.acceleration import Acceleration, apply_acceleration
 from omni_backend.runner.control import RunnerControl
+from omni_backend.runner.decoder import DecodeThread
 from omni_backend.runner.oom import Failed, free_device_memory, is_oom, oom_message, run_batched
 
 logger = logging.getLogger(__name__)
@@ -97,9 +101,16 @@ class ModelRunner:
         synchronize: bool = False,
         control: RunnerControl | None = None,
         loras: LoraRegistry | None = None,
+        background_decode: bool = False,
     ):
         self.stages = stages
         self.output = output
+        # images only: the ensemble's transformer stage hands back latents, nothing to decode
+        self._decoder = DecodeThread() if background_decode and output is RunnerOutput.IMAGE else None
+        # whoever uses the VAE holds this (the decode thread too): see runner/decoder.py
+        self._vae: contextlib.AbstractContextManager = (
+            self._decoder.vae_lock if self._decoder else contextlib.nullcontext()
+        )
         self.control = control  # sleep / wake / profiling (None: no control ops, e.g. unit tests)
         self.loras = loras  # the model's LoRA adapters, None without lora_dir
         self.states: dict[str, DenoiseState] = {}
@@ -174,7 +185,8 @@ class ModelRunner:
         previews: dict[str, np.ndarray] = {}
         if previewed:
             try:
-                images = self.stages.decode(clean)
+                with self._vae:
+                    images = self.stages.decode(clean)
                 previews = {
                     s.request.request_id: downscale_preview(img) for s, img in zip(previewed, images, strict=True)
                 }
@@ -199,7 +211,9 @@ class ModelRunner:
                 conditioning = request.conditioning if request.conditioning is not None else next(encoded)
                 if isinstance(conditioning, Failed):
                     self._fail_one(request.request_id, conditioning.message, result)
-                else:
+                    continue
+                # edit and image-to-video families encode their input image with the VAE here
+                with self._vae if request.input_image is not None else contextlib.nullcontext():
                     self.states[request.request_id] = self.stages.prepare(request, conditioning)
         except Exception as exc:  # one batched encode: its fault fails every joiner
             answered = {o.request_id for o in result.finished}
@@ -237,27 +251,48 @@ class ModelRunner:
         return kept
 
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
-        started = self._clock()
         try:
             latents = [self.stages.output_latents(s) for s in done]
-            if self.output is RunnerOutput.IMAGE:
-                arrays = run_batched(self.stages.decode, latents, "decoding")
-            else:
-                arrays = [x[0].float().cpu().numpy() for x in latents]
         except Exception as exc:
             self._fail(done, "decoding", exc, result)
             return
+        ids = [s.request.request_id for s in done]
+        for request_id in ids:
+            del self.states[request_id]
+        self.stages.release(ids)
+        if self.output is RunnerOutput.LATENTS:
+            arrays = [x[0].float().cpu().numpy() for x in latents]
+            result.finished += [self._output(s, self.output.value, a) for s, a in zip(done, arrays, strict=True)]
+        elif self._decoder is None:
+            result.finished += self._decode(done, latents)
+        else:
+            result.decoding.append(Decoding(ids, self._decoder.submit(self._decode, done, latents)))
+
+    def _decode(self, done: list[DenoiseState], latents: list[torch.Tensor]) -> list[DiffusionOutput]:
+        """Decode finished requests (one batched VAE pass); every fault becomes an error output."""
+        started = self._clock()
+        try:
+            with self._vae:
+                arrays = run_batched(self.stages.decode, latents, "decoding")
+        except Exception as exc:
+            self._free_memory |= is_oom(exc)
+            message = oom_message("decoding", exc) if is_oom(exc) else f"decoding failed: {exc}"
+            logger.exception("decoding requests %s failed", ", ".join(s.request.request_id for s in done))
+            return [DiffusionOutput(s.request.request_id, error=message) for s in done]
         elapsed = self._clock() - started
+        outputs = []
         for state, array in zip(done, arrays, strict=True):
             if isinstance(array, Failed):
-                self._fail_one(state.request.request_id, array.message, result)
+                logger.error("request %s failed: %s", state.request.request_id, array.message)
+                outputs.append(DiffusionOutput(state.request.request_id, error=array.message))
                 continue
-            del self.states[state.request.request_id]
             state.timings.decode_s = elapsed
-            name = self.stages.output_name if self.output is RunnerOutput.IMAGE else self.output.value
-            output = DiffusionOutput(state.request.request_id, {name: array}, timings=state.timings)
-            result.finished.append(output)
-        self.stages.release([s.request.request_id for s in done])
+            outputs.append(self._output(state, self.stages.output_name, array))
+        return outputs
+
+    @staticmethod
+    def _output(state: DenoiseState, name: str, array: np.ndarray) -> DiffusionOutput:
+        return DiffusionOutput(state.request.request_id, {name: array}, timings=state.timings)
 
     def _fail(self, states: list[DenoiseState], where: str, exc: Exception, result: StepResult) -> None:
         message = oom_message(where, exc) if is_oom(exc) else f"{where} failed: {exc}"
@@ -275,3 +310,13 @@ class ModelRunner:
         for request_id in request_ids:
             self.states.pop(request_id, None)
         self.stages.release(request_ids)
+
+    def wait_decoded(self) -> None:
+        """Return once the background decodes submitted so far are done (before control ops touch weights)."""
+        if self._decoder is not None:
+            self._decoder.wait_idle()
+
+    def close(self) -> None:
+        """Finish the background decodes and stop their thread."""
+        if self._decoder is not None:
+            self._decoder.close()

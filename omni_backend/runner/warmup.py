@@ -81,7 +81,7 @@ def warm_up_runner(
             plan = StepPlan(admitted=requests, running_ids=sorted(pending))
             while pending:
                 result = runner.execute(plan)
-                for output in result.finished:
+                for output in result.finished + [o for d in result.decoding for o in d.outputs.result()]:
                     if output.error is not None:
                         raise RuntimeError(f"warm-up at {height}x{width} failed: {output.error}")
                     pending.discard(output.request_id)

@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from omni_backend.cache.config import check_cache_threshold
-from omni_backend.distributed.worker import ParallelRunner, make_runner
+from omni_backend.distributed.worker import make_runner
 from omni_backend.engine.control import FIELD as CONTROL
 from omni_backend.engine.control import ControlCall, ControlReply, parse_control
 from omni_backend.engine.engine import DiffusionEngine
@@ -137,8 +137,7 @@ class _EngineModel(OmniModel):
 
     def finalize(self) -> None:
         self.engine.stop()
-        if isinstance(self.engine.runner, ParallelRunner):
-            self.engine.runner.close()
+        self.engine.runner.close()
 
 
 class PipelineModel(_EngineModel):

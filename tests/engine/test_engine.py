@@ -13,7 +13,7 @@ import torch
 from omni_backend.config import EngineConfig
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.observer import EngineObserver
-from omni_backend.engine.scheduler import QueueFullError
+from omni_backend.engine.scheduler import QueueFullError, StepPlan
 from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, SamplingParams
@@ -232,3 +232,141 @@ def test_stage_timings_are_measured_and_logged_when_enabled(stages, caplog):
     assert first.denoise_s > second.denoise_s  # 20 steps cost more than 3
     lines = [r.getMessage() for r in caplog.records if "denoise" in r.getMessage()]
     assert len(lines) == 2 and "(20 steps)" in " ".join(lines)
+
+
+# ---------------------------------------------------------------- background decoding (runner/decoder.py)
+
+
+class GatedDecode:
+    """Wraps ``stages.decode``: the first decode of ``gated`` images waits for ``gate`` (then raises ``fault``)."""
+
+    def __init__(self, stages: FluxStages, gated: int = 1, fault: str | None = None):
+        self.stages, self.original = stages, stages.decode
+        self.gated, self.fault = gated, fault
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.threads: list[str] = []
+
+    def __call__(self, latents):
+        self.threads.append(threading.current_thread().name)
+        if len(latents) == self.gated and not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+            if self.fault is not None:
+                raise RuntimeError(self.fault)
+        return self.original(latents)
+
+    def __enter__(self) -> GatedDecode:
+        self.stages.decode = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stages.decode = self.original
+
+
+def background_engine(stages: FluxStages, config: EngineConfig | None = None) -> DiffusionEngine:
+    return DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE, background_decode=True), config or EngineConfig())
+
+
+def run_to_completion(engine: DiffusionEngine, requests: list[DiffusionRequest]) -> dict[str, np.ndarray]:
+    collect = Collector(len(requests))
+    for r in requests:
+        engine.submit(r, collect)
+    assert collect.done.wait(60)
+    engine.stop()
+    engine.runner.close()
+    assert all(o.error is None for o in collect.outputs.values())
+    return {i: o.outputs["image"] for i, o in collect.outputs.items()}
+
+
+def test_images_are_the_same_decoded_in_the_background(stages):
+    def requests() -> list[DiffusionRequest]:
+        return [request("a", seed=1, steps=2), request("b", seed=2, steps=5), request("c", seed=3, steps=3)]
+
+    inline = run_to_completion(DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig()), requests())
+    background = run_to_completion(background_engine(stages), requests())
+    for request_id, image in inline.items():
+        np.testing.assert_array_equal(background[request_id], image)
+
+
+def test_a_finished_request_leaves_the_batch_while_it_is_decoded(stages):
+    """The short request's decode is held: the long one keeps stepping, and a third takes the free slot."""
+    engine = background_engine(stages, EngineConfig(max_num_seqs=2))
+    steps: list[int] = []
+    collect = Collector(3)
+    with GatedDecode(stages) as decode:
+        engine.submit(request("short", seed=1, steps=2), collect)
+        engine.submit(request("long", seed=2, steps=8), collect, lambda p: steps.append(p.step))
+        assert decode.entered.wait(30)
+        engine.submit(request("joiner", seed=3, steps=2), collect)  # running: long only, so it joins now
+        try:
+            waited = 0
+            while len(steps) < 8 and waited < 3000:
+                time.sleep(0.01)
+                waited += 1
+            assert steps == list(range(1, 9)), "the long request did not step while the short one was decoded"
+            assert "short" not in collect.outputs
+        finally:
+            decode.gate.set()
+        assert collect.done.wait(60)
+    engine.stop()
+    engine.runner.close()
+    assert all(o.error is None for o in collect.outputs.values())
+    assert decode.threads[0].startswith("omni-decode"), decode.threads
+    assert not engine.runner.states
+
+
+def test_a_request_cancelled_while_decoding_is_answered_once(stages):
+    engine = background_engine(stages)
+    cancel = threading.Event()
+    collect = Collector(2)  # asserts nobody is answered twice
+    with GatedDecode(stages) as decode:
+        engine.submit(request("doomed", seed=1, steps=2), collect, None, cancel.is_set)
+        engine.submit(request("other", seed=2, steps=30), collect)
+        assert decode.entered.wait(30)
+        cancel.set()
+        for _ in range(3000):  # dropped at the next step boundary, its decode still held
+            if "doomed" in collect.outputs:
+                break
+            time.sleep(0.01)
+        decode.gate.set()
+        assert collect.done.wait(60)
+        engine.runner.wait_decoded()
+    engine.stop()
+    engine.runner.close()
+    assert collect.outputs["doomed"].error_kind is ErrorKind.CANCELLED
+    assert collect.outputs["other"].error is None
+
+
+def test_a_background_decode_fault_fails_its_request_and_the_engine_keeps_serving(stages):
+    engine = background_engine(stages)
+    collect = Collector(1)
+    with GatedDecode(stages, fault="injected VAE fault") as decode:
+        decode.gate.set()
+        engine.submit(request("bad", steps=2), collect)
+        assert collect.done.wait(30)
+    assert "decoding failed: injected VAE fault" in collect.outputs["bad"].error
+    after = Collector(1)
+    engine.submit(request("good", steps=2), after)
+    assert after.done.wait(30)
+    engine.stop()
+    engine.runner.close()
+    assert after.outputs["good"].error is None
+
+
+def test_wait_decoded_returns_after_the_held_decode(stages):
+    """What control ops wait for; a runner driven directly (warm-up) reads the outputs from the future."""
+    runner = ModelRunner(stages, RunnerOutput.IMAGE, background_decode=True)
+    with GatedDecode(stages) as decode:
+        result = runner.execute(StepPlan(admitted=[request("a", steps=1)], running_ids=["a"]))
+        assert not result.finished and [d.request_ids for d in result.decoding] == [["a"]]
+        assert decode.entered.wait(30)
+        waited = threading.Event()
+        waiter = threading.Thread(target=lambda: (runner.wait_decoded(), waited.set()))
+        waiter.start()
+        assert not waited.wait(0.3), "wait_decoded returned while a decode was held"
+        decode.gate.set()
+        waiter.join(30)
+        assert waited.is_set()
+    [output] = result.decoding[0].outputs.result()
+    assert output.error is None and output.outputs["image"].shape == (32, 32, 3)
+    runner.close()
