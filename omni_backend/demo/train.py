@@ -74,6 +74,8 @@ class TrainConfig:
     # GroupNorm over few channels per group wipes out what a flat-colored region is: its color
     vae_groups: int = 1
     text_dim: int = 32
+    train_text: bool = False  # train both text encoders with the transformer (else frozen random)
+    caption_dropout: float = 0.0  # fraction of pictures trained with the empty caption (enables true CFG)
 
 
 def build_components(cfg: TrainConfig) -> dict[str, object]:
@@ -273,6 +275,9 @@ def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -
     latents, ids = pool
     pick = torch.randint(len(ids), (cfg.batch,), generator=generator)
     x0, caption = latents[pick], ids[pick]
+    if cfg.caption_dropout > 0:  # (drawn only then: the committed run's random stream stays as it was)
+        dropped = torch.rand(cfg.batch, generator=generator) < cfg.caption_dropout
+        caption = torch.where(dropped, len(shapes.all_scenes()), caption)  # the empty caption comes last
     noise = torch.randn(x0.shape, generator=generator)
     conf = pipe.scheduler.config
     mu = calculate_shift(x0.shape[1], conf.base_image_seq_len, conf.max_image_seq_len, conf.base_shift, conf.max_shift)
@@ -317,17 +322,25 @@ class EMA:
 def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
     """Rectified flow on the latent pool; saves the EMA pipeline every ``cfg.save_every`` steps and at the end."""
     transformer = pipe.transformer
-    embeds, pooled, _ = pipe.encode_prompt(
-        [scene.caption for scene in shapes.all_scenes()], prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH
-    )
+    captions = [scene.caption for scene in shapes.all_scenes()] + [""]  # "" for caption dropout
+
+    def encode_captions() -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return embeds, pooled
+
+    trained = torch.nn.ModuleList([transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text else []))
+    with torch.no_grad():
+        text = encode_captions()
     pool = encode_pictures(pipe, cfg)
-    ema = EMA(transformer, cfg.ema)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(trained, cfg.ema)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = warmup(optimizer, 50)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    transformer.train()
+    trained.train().requires_grad_(True)
     for step in (bar := tqdm(range(cfg.steps), desc="transformer", dynamic_ncols=True)):
-        batch = flow_batch(pipe, pool, (embeds, pooled), cfg, generator)
+        if cfg.train_text:  # 169 captions of 8 tokens: encoding them all each step costs little
+            text = encode_captions()
+        batch = flow_batch(pipe, pool, text, cfg, generator)
         target = batch.pop("target")
         pred = transformer(**batch, guidance=None, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, target)
@@ -342,7 +355,7 @@ def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             with ema.applied():
                 save(pipe, out, log, {"steps_done": step + 1})
-    transformer.eval().requires_grad_(False)
+    trained.eval().requires_grad_(False)
 
 
 def save(pipe, out: Path, log: LossLog, info: dict[str, object]) -> None:
@@ -392,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     ints = ("seed", "vae_steps", "vae_batch", "vae_crop", "latents", "steps", "batch", "save_every", "hidden")
     for name in (*ints, "layers", "single_layers"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("vae_lr", "lr", "ema"):
+    for name in ("vae_lr", "lr", "ema", "caption_dropout"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
     parser.add_argument(
         "--vae-channels",
         type=lambda text: tuple(int(c) for c in text.split(",")),
