@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wide-layers", default="4,8", help="double,single blocks of --checkpoint wide")
     parser.add_argument("--device", default="cpu", help="the models' device parameter and the probe's device")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--background-decode", default="true", choices=("true", "false"), help="the models' background_decode"
+    )
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--server-log", type=Path, help="keep tritonserver's log here (default: a temp file)")
@@ -305,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         probe = probe_ms(checkpoint, args.sizes, (1, args.clients), args.device, dtype)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()  # leave the device to the server
-        build_repository(repo, {"device": args.device, "dtype": args.dtype})
+        build_repository(
+            repo, {"device": args.device, "dtype": args.dtype, "background_decode": args.background_decode}
+        )
         loads = ["--model-control-mode=explicit", *(f"--load-model=flux_{m}" for m in MODES)]
         server = TritonServerProcess(
             repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads, log_path=args.server_log
@@ -330,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"Machine: {cpu_name} ({platform.machine()}, {os.cpu_count()} cores){gpu}, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}. Checkpoint: tiny-flux{' with a transformer of ' + wide if wide else ''}"
-        f", {args.dtype} on {args.device}. Workload: {args.clients} closed-loop gRPC clients; short = "
+        f", {args.dtype} on {args.device}, background_decode {args.background_decode}. Workload: {args.clients} "
+        f"closed-loop gRPC clients; short = "
         f"{args.short_steps} steps, long = {args.long_steps} steps; sizes "
         f"{' and '.join(f'{s}x{s}' for s in args.sizes)}; {args.warmup} warm-up + {args.requests} measured "
         f"requests per mode; seed {args.seed}.",

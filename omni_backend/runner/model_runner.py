@@ -253,6 +253,7 @@ class ModelRunner:
     def _finish(self, done: list[DenoiseState], result: StepResult) -> None:
         try:
             latents = [self.stages.output_latents(s) for s in done]
+            arrays = [x[0].float().cpu().numpy() for x in latents] if self.output is RunnerOutput.LATENTS else []
         except Exception as exc:
             self._fail(done, "decoding", exc, result)
             return
@@ -261,7 +262,6 @@ class ModelRunner:
             del self.states[request_id]
         self.stages.release(ids)
         if self.output is RunnerOutput.LATENTS:
-            arrays = [x[0].float().cpu().numpy() for x in latents]
             result.finished += [self._output(s, self.output.value, a) for s, a in zip(done, arrays, strict=True)]
         elif self._decoder is None:
             result.finished += self._decode(done, latents)
