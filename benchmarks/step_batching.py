@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="the models' device parameter and the probe's device")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument(
-        "--background-decode", default="true", choices=("true", "false"), help="the models' background_decode"
+        "--background-decode", default="auto", choices=("auto", "true", "false"), help="the models' background_decode"
     )
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="max seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

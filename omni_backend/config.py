@@ -50,9 +50,10 @@ class EngineConfig:
     queue_timeout_s: float = 0.0  # fail requests still waiting after this long (0: no limit)
     max_request_rate: float = 0.0  # requests/s the queue takes, bursts up to max(1, rate) (0: no limit)
     log_stage_timings: bool = False  # log each request's queue/encode/denoise/decode seconds (syncs CUDA)
-    # decode finished images on a second thread while the next steps run (runner/decoder.py); not
-    # with offload, where the VAE takes its turn on the device between the other stages
-    background_decode: bool = True
+    # decode finished images on a second thread while the next steps run (runner/decoder.py): "auto"
+    # (on a GPU only: two threads of torch kernels oversubscribe the CPU's cores), "true" or "false";
+    # never with offload, where the VAE takes its turn on the device between the other stages
+    background_decode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ def parse_model_config(parameters: Mapping[str, str], options_cls: type | None =
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if engine.scheduling not in ("step", "request"):
         raise ConfigError(f"scheduling: {engine.scheduling!r} is not 'step' or 'request'")
+    if engine.background_decode not in ("auto", "true", "false"):
+        raise ConfigError(f"background_decode: {engine.background_decode!r} is not 'auto', 'true' or 'false'")
     acceleration, step_cache = _parse_acceleration(values)
     control = parse_dataclass(ControlConfig, values)
     if control.profile_max_steps < 1:

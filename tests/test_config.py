@@ -35,6 +35,7 @@ def test_defaults_admit_documented_uses():
         ({"dtype": "int8"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"max_guidance": "nan"}, "max_guidance"),
+        ({"background_decode": "yes"}, "background_decode"),
     ],
 )
 def test_bad_parameters_name_the_key(params, key):

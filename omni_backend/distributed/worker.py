@@ -311,6 +311,9 @@ def make_runner(
     if config.parallel.world_size == 1:
         control = RunnerControl(lambda: stages, config, components, name, loras=loras)
         synchronize = config.engine.log_stage_timings
-        background_decode = config.engine.background_decode and config.acceleration.offload == "none"
+        wanted = config.engine.background_decode == "true" or (
+            config.engine.background_decode == "auto" and device.type == "cuda"
+        )
+        background_decode = wanted and config.acceleration.offload == "none"
         return ModelRunner(stages, output, synchronize, control, loras, background_decode)
     return ParallelRunner(stages, config, components, output, str(device), name)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from omni_backend.config import EngineConfig
+from omni_backend.config import EngineConfig, parse_model_config
+from omni_backend.distributed.worker import make_runner
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.engine.observer import EngineObserver
 from omni_backend.engine.scheduler import QueueFullError, StepPlan
@@ -370,3 +371,21 @@ def test_wait_decoded_returns_after_the_held_decode(stages):
     [output] = result.decoding[0].outputs.result()
     assert output.error is None and output.outputs["image"].shape == (32, 32, 3)
     runner.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "device", "expected"),
+    [
+        ({}, "cpu", False),  # auto: two threads of kernels would share the CPU's cores
+        ({}, "cuda", True),
+        ({"background_decode": "true"}, "cpu", True),
+        ({"background_decode": "false"}, "cuda", False),
+        ({"background_decode": "true", "offload": "model"}, "cpu", False),  # the VAE takes its turn on the device
+    ],
+)
+def test_background_decode_setting(stages, params, device, expected):
+    config = parse_model_config({"family": "flux", "model": "tiny-flux", **params}, FluxOptions)
+    runner = make_runner(stages, config, Component.ALL, RunnerOutput.IMAGE, torch.device(device))
+    assert (runner._decoder is not None) is expected
+    transformer_stage = make_runner(stages, config, Component.ALL, RunnerOutput.LATENTS, torch.device(device))
+    assert transformer_stage._decoder is None  # latents: nothing to decode
