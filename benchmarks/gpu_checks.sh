@@ -5,9 +5,10 @@
 #      one request and a step batch of 4,
 #   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages,
 #   4. step-level batching through tritonserver (benchmarks/step_batching.py, FLUX.1's block width),
-#   5. not in the default run: Wan2.2's resident and layerwise offload rows alone (wan22_layerwise; step 3
-#      has them), the offload tests alone (offload_cuda), and the parallel-modes benchmark on this machine's
-#      quiet cores plus its single-GPU loop (parallel).
+#   5. not in the default run: step-level batching without background decoding (step_batching_inline),
+#      Wan2.2's resident and layerwise offload rows alone (wan22_layerwise; step 3 has them), the offload
+#      tests alone (offload_cuda), and the parallel-modes benchmark on this machine's quiet cores plus its
+#      single-GPU loop (parallel).
 # Results go to $OUT (default benchmarks/results/gpu); each step has its own time limit, so a slow
 # one costs only itself. STEPS="cuda_tests flux" runs only those. What the GPU machine lacks travels
 # in .gpu/ (packed here by benchmarks/gpu_bundle.sh): Python packages and the tritonserver of the
@@ -66,8 +67,15 @@ step flux_batch4 240 python3 -m benchmarks.full_size --family flux --ours --batc
 step qwen_image 150 python3 -m benchmarks.full_size --family qwen_image --repeats 1 --out "$OUT/full_size.csv"
 step wan22_t2v 240 python3 -m benchmarks.full_size --family wan22_t2v --ours --steps 2 --repeats 1 \
     --out "$OUT/full_size.csv"
-step step_batching "${SB_LIMIT:-330}" env OMNI_NUMPY1=1 python3 -m benchmarks.step_batching --checkpoint wide --device cuda \
-    --dtype bfloat16 --sizes 512 1024 --warmup 8 --requests "${SB_REQUESTS:-48}" --quiet-wait 5 --out "$OUT" --server-log "$OUT/server.log"
+# SB_SIZES: 512 and 1024 (2026-11-26) left one 1024 request nearly filling the H200 at this width
+step_batching() {  # step_batching NAME BACKGROUND_DECODE
+    mkdir -p "$OUT/$1"
+    step "$1" "${SB_LIMIT:-330}" env OMNI_NUMPY1=1 python3 -m benchmarks.step_batching --checkpoint wide --device cuda \
+        --dtype bfloat16 --sizes ${SB_SIZES:-256 512} --warmup 8 --requests "${SB_REQUESTS:-48}" --quiet-wait 5 \
+        --background-decode "$2" --out "$OUT/$1" --server-log "$OUT/$1/server.log"
+}
+step_batching step_batching auto
+step_batching step_batching_inline false  # the same without background decoding (not in the default run)
 step wan22_layerwise 270 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload none layerwise \
     --steps 2 --repeats 1 --out "$OUT/full_size.csv"
 step offload_cuda 120 python3 -m pytest -q -s -p no:cacheprovider -k cuda tests/acceleration/test_offload.py
