@@ -1,6 +1,7 @@
 """Quality check of the demo checkpoint: does it draw what the prompt asks for?
 
     python -m omni_backend.demo.quality --checkpoint DIR [--n 100] [--steps 20] [--seed 0] [--grid FILE.png]
+        [--true-cfg-scale S]
     python -m omni_backend.demo.quality --url localhost:8001 [--protocol grpc] [--model flux] ...
 
 For ``n`` random captions of the grammar, each with a random seed, it renders a 64x64 picture
@@ -26,7 +27,12 @@ from omni_backend.demo.shapes import SIZE, Accuracy, Reading, Scene, random_scen
 Render = Callable[[str, int], np.ndarray]  # (prompt, seed) -> uint8 [H, W, 3]
 
 
-def local_renderer(checkpoint: str | Path, steps: int) -> Render:
+def cfg_params(true_cfg_scale: float) -> dict[str, object]:
+    """True CFG against the empty caption (what caption dropout trains), as FluxPipeline takes it; none at 1."""
+    return {"negative_prompt": "", "true_cfg_scale": true_cfg_scale} if true_cfg_scale > 1 else {}
+
+
+def local_renderer(checkpoint: str | Path, steps: int, true_cfg_scale: float = 1.0) -> Render:
     """diffusers' own FluxPipeline on the CPU in float32, as the served model computes it."""
     import torch
     from diffusers import FluxPipeline
@@ -44,20 +50,22 @@ def local_renderer(checkpoint: str | Path, steps: int) -> Render:
             num_inference_steps=steps,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
             generator=torch.Generator("cpu").manual_seed(seed),
+            **cfg_params(true_cfg_scale),
         ).images[0]
         return np.asarray(image)
 
     return render
 
 
-def served_renderer(url: str, protocol: str, model: str, steps: int) -> Render:
+def served_renderer(url: str, protocol: str, model: str, steps: int, true_cfg_scale: float = 1.0) -> Render:
     """The same request through a running tritonserver (no height/width: the model's default is 64)."""
     from omni_client import OmniClient
 
     client = OmniClient(url, protocol=protocol, model=model)
 
     def render(prompt: str, seed: int) -> np.ndarray:
-        return client.generate(prompt, num_inference_steps=steps, seed=seed, output="numpy")
+        params = cfg_params(true_cfg_scale)
+        return client.generate(prompt, num_inference_steps=steps, seed=seed, output="numpy", **params)
 
     return render
 
@@ -109,19 +117,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100, help="number of prompts (default 100)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds (default 0)")
+    parser.add_argument(
+        "--true-cfg-scale", type=float, default=1.0, help="true CFG against the empty caption when > 1 (default 1)"
+    )
     parser.add_argument("--grid", type=Path, help="save the first --grid-count pictures here (PNG)")
     parser.add_argument("--grid-count", type=int, default=24)
     args = parser.parse_args(argv)
     if args.checkpoint is not None:
-        render = local_renderer(args.checkpoint, args.steps)
+        render = local_renderer(args.checkpoint, args.steps, args.true_cfg_scale)
     else:
-        render = served_renderer(args.url, args.protocol, args.model, args.steps)
+        render = served_renderer(args.url, args.protocol, args.model, args.steps, args.true_cfg_scale)
     report = evaluate(render, args.n, args.seed)
     if args.grid is not None:
         save_grid(report.samples[: args.grid_count], args.grid)
     rates = report.accuracy.rates()
     where = args.checkpoint or f"{args.model} at {args.url} ({args.protocol})"
-    print(f"{args.n} prompts, {args.steps} steps, seed {args.seed}, {where}: {report.seconds / args.n:.2f} s/image")
+    cfg = f", true CFG {args.true_cfg_scale:g}" if args.true_cfg_scale > 1 else ""
+    seconds = report.seconds / args.n
+    print(f"{args.n} prompts, {args.steps} steps{cfg}, seed {args.seed}, {where}: {seconds:.2f} s/image")
     print("  ".join(f"{name} accuracy {rate:.0%}" for name, rate in rates.items()))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, TrainConfig, main, train
+from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, TrainConfig, build_components, main, train
 
 pytestmark = pytest.mark.slow
 
 SMOKE = TrainConfig(
-    vae_steps=2, vae_batch=4, latents=16, steps=3, batch=4, save_every=2, hidden=64, single_layers=1,
+    vae_steps=2,
+    vae_batch=4,
+    latents=16,
+    steps=3,
+    batch=4,
+    save_every=2,
+    hidden=64,
+    single_layers=1,
     vae_channels=(8, 8, 8, 8),
 )
 
@@ -34,8 +42,13 @@ def test_writes_a_checkpoint_flux_pipeline_renders(smoke_run: Path) -> None:
     pipe = FluxPipeline.from_pretrained(smoke_run, dtype=torch.float32)
     assert pipe.vae_scale_factor == 8 and pipe.transformer.config.guidance_embeds is False
     image = pipe(
-        "a red circle on a blue background", height=64, width=64, num_inference_steps=2,
-        max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(0), output_type="np",
+        "a red circle on a blue background",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     # FLUX's latent normalization was measured on the trained VAE, not left at its defaults
@@ -64,3 +77,17 @@ def test_cli_rejects_a_missing_out(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([])
     assert "--out" in capsys.readouterr().err
+
+
+def test_text_encoders_stay_frozen_unless_trained(smoke_run: Path, tmp_path: Path) -> None:
+    """Frozen: the seeded random encoders are saved as built; --train-text (with caption dropout) moves them."""
+    frozen = _weights(smoke_run)
+    built = build_components(SMOKE)
+    for folder in ("text_encoder", "text_encoder_2"):
+        saved = {name: t for name, t in built[folder].state_dict().items() if f"{folder}/{name}" in frozen}
+        assert len(saved) > 10
+        assert all(torch.equal(frozen[f"{folder}/{name}"], tensor) for name, tensor in saved.items())
+    trained = _weights(train(tmp_path / "text", replace(SMOKE, train_text=True, caption_dropout=0.5)))
+    for folder in ("text_encoder", "text_encoder_2"):
+        moved = [k for k in frozen if k.startswith(f"{folder}/") and not torch.equal(frozen[k], trained[k])]
+        assert moved, f"{folder} did not train"
