@@ -6,14 +6,16 @@ forms when idle and runs to completion, like Triton's dynamic batcher), flux_ste
 max_num_seqs 8: requests join and leave between steps). Measured one after the other, same seeded
 closed loop: ``--clients`` threads with their own tritonclient.grpc client send back to back, each
 cycling through a seeded shuffle of (short | long steps) x (two ``--sizes``). After ``--warmup``
-completions, the window spans ``--requests`` completions while every client keeps sending. Per
+completions, the window spans ``--requests`` completions while every client keeps sending.
+``--rounds`` repeats the three windows in turn (a VM's speed drifts by 20% within a minute: each
+round's ratios compare windows seconds apart, and the medians of those are reported). Per
 mode: throughput, p50/p99 latency per class, mean of the server's ``omni_step_batch_size``
 histogram (/metrics), and the cores OTHER processes used in the window (/proc/stat busy time minus
 this process and the server's group; the machine may be shared). Before each mode and before the
 in-process probe (one transformer step, one VAE decode) it waits up to ``--quiet-wait`` s for a
 quiet machine (others < 0.2 cores).
 
-    python -m benchmarks.step_batching [--sizes 768 1024] [--requests 64] [--clients 8]
+    python -m benchmarks.step_batching [--sizes 768 1024] [--requests 64] [--clients 8] [--rounds 1]
     python -m benchmarks.step_batching --smoke --out DIR   # seconds: tiny sizes and counts (tests)
     python -m benchmarks.step_batching --checkpoint wide --device cuda --dtype bfloat16 --sizes 512 1024
 
@@ -40,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,24 +190,37 @@ def batch_size_stats(metrics_url: str, model: str) -> tuple[float, float]:
     return values.get("sum", 0.0), values.get("count", 0.0)
 
 
-def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Closed-loop load on ``flux_<mode>``; returns one result row per class."""
+@dataclass
+class ModeRun:
+    """One measured window of one mode."""
+
+    mode: str
+    seconds: float
+    latencies: dict[str, list[float]]  # class -> client latencies
+    step_calls: float  # transformer calls (omni_step_batch_size count) and their rows, in the window
+    step_rows: float
+    other_load: float
+
+
+def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace, round_: int) -> ModeRun:
+    """Closed-loop load on ``flux_<mode>`` (round ``round_`` draws its own seeds)."""
     model = f"flux_{mode}"
     lock, stop, errors = threading.Lock(), threading.Event(), list[Exception]()
     done: list[tuple[str, float, float, tuple[float, float]]] = []  # class, latency, end, cpu_seconds
     total = args.warmup + args.requests
     before = batch_size_stats(server.metrics_url, model)
+    seed = args.seed + 7919 * round_
 
     def worker(index: int) -> None:
         plan = [(cls, getattr(args, f"{cls}_steps"), size) for cls in CLASSES for size in args.sizes] * 2
-        random.Random(args.seed * 1000 + index).shuffle(plan)
+        random.Random(seed * 1000 + index).shuffle(plan)
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             n = 0
             while not stop.is_set():
                 cls, steps, size = plan[n % len(plan)]
                 start = time.perf_counter()
-                client.infer(model, grpc_inputs(size, steps, args.seed * 100000 + index * 1000 + n))
+                client.infer(model, grpc_inputs(size, steps, seed * 100000 + index * 1000 + n))
                 end, n = time.perf_counter(), n + 1
                 with lock:
                     cpu = cpu_seconds(server.server_pid) if len(done) in (args.warmup - 1, total - 1) else (0, 0)
@@ -227,18 +243,41 @@ def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace) -
     after = batch_size_stats(server.metrics_url, model)
     (*_, start, cpu_start), (*_, end, cpu_end) = done[args.warmup - 1], done[total - 1]
     seconds = end - start
-    mean_batch, load = (after[0] - before[0]) / max(after[1] - before[1], 1), other_load(cpu_start, cpu_end, seconds)
-    print(f"{model}: {args.requests / seconds:.3f} req/s over {seconds:.1f} s, mean step batch {mean_batch:.2f}")
+    calls, rows = after[1] - before[1], after[0] - before[0]
+    print(
+        f"{model}: {args.requests / seconds:.3f} req/s over {seconds:.1f} s, mean step batch {rows / max(calls, 1):.2f}"
+    )
+    latencies = {cls: [d[1] for d in done[args.warmup : total] if d[0] == cls] for cls in CLASSES}
+    return ModeRun(mode, seconds, latencies, calls, rows, other_load(cpu_start, cpu_end, seconds))
+
+
+def summarize(runs: list[ModeRun], requests: int) -> list[dict[str, Any]]:
+    """One row per (mode, class): median throughput over the rounds, latency percentiles over all of them."""
     rows = []
-    for cls in CLASSES:
-        latencies = [d[1] for d in done[args.warmup : total] if d[0] == cls]
-        rows.append({
-            "mode": mode, "class": cls, "n": len(latencies), "throughput_rps": round(args.requests / seconds, 4),
-            "p50_s": round(float(np.percentile(latencies, 50)), 4),
-            "p99_s": round(float(np.percentile(latencies, 99)), 4),
-            "mean_step_batch": round(mean_batch, 3), "other_load_cores": round(load, 3),
-        })  # fmt: skip
+    for mode in MODES:
+        mine = [r for r in runs if r.mode == mode]
+        throughput = float(np.median([requests / r.seconds for r in mine]))
+        mean_batch = sum(r.step_rows for r in mine) / max(sum(r.step_calls for r in mine), 1)
+        for cls in CLASSES:
+            latencies = [x for r in mine for x in r.latencies[cls]]
+            rows.append({
+                "mode": mode, "class": cls, "n": len(latencies), "throughput_rps": round(throughput, 4),
+                "p50_s": round(float(np.percentile(latencies, 50)), 4),
+                "p99_s": round(float(np.percentile(latencies, 99)), 4),
+                "mean_step_batch": round(mean_batch, 3), "other_load_cores": round(max(r.other_load for r in mine), 3),
+            })  # fmt: skip
     return rows
+
+
+def round_ratios(runs: list[ModeRun]) -> list[tuple[float, float]]:
+    """Per round: throughput (c) / (a) and short p50 (c) / (b), each from windows minutes apart at most."""
+    ratios = []
+    for round_ in range(len(runs) // len(MODES)):
+        get = {r.mode: r for r in runs[round_ * len(MODES) : (round_ + 1) * len(MODES)]}
+        speedup = get["none"].seconds / get["step"].seconds  # same number of requests in each window
+        short = np.percentile(get["step"].latencies["short"], 50) / np.percentile(get["request"].latencies["short"], 50)
+        ratios.append((speedup, float(short)))
+    return ratios
 
 
 def write_plots(get: dict[tuple[str, str], dict[str, Any]], out: Path) -> None:
@@ -279,7 +318,8 @@ SMOKE = {"sizes": [64, 128], "short_steps": 1, "long_steps": 3, "clients": 2, "w
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs=2, default=[768, 1024])
-    for name, default in (("short-steps", 4), ("long-steps", 24), ("clients", 8), ("warmup", 8), ("requests", 64)):
+    defaults = (("short-steps", 4), ("long-steps", 24), ("clients", 8), ("warmup", 8), ("requests", 64), ("rounds", 1))
+    for name, default in defaults:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", choices=("tiny", "wide"), default="tiny")
@@ -298,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         vars(args).update(SMOKE)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
 
-    rows: list[dict[str, Any]] = []
+    runs: list[ModeRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         models, repo = Path(tmp) / "models", Path(tmp) / "repo"
         dtype = getattr(torch, args.dtype)
@@ -316,9 +356,12 @@ def main(argv: list[str] | None = None) -> None:
             repo, env_extra={"OMNI_MODEL_ROOT": str(models)}, extra_args=loads, log_path=args.server_log
         )
         with server.start(timeout=600):
-            for mode in MODES:
-                wait_quiet(server.server_pid, args.quiet_wait)
-                rows += run_mode(server, mode, args)
+            for round_ in range(args.rounds):  # the modes take turns: a slow spell of the machine hits all
+                for mode in MODES:
+                    wait_quiet(server.server_pid, args.quiet_wait)
+                    runs.append(run_mode(server, mode, args, round_))
+    rows = summarize(runs, args.requests)
+    ratios = round_ratios(runs)
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "step_batching.csv", "w", newline="") as f:
@@ -326,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     get = {(r["mode"], r["class"]): r for r in rows}
-    speedup = get["step", "short"]["throughput_rps"] / get["none", "short"]["throughput_rps"]
-    short_ratio = get["step", "short"]["p50_s"] / get["request", "short"]["p50_s"]
+    speedup = float(np.median([ratio for ratio, _ in ratios]))
+    short_ratio = float(np.median([ratio for _, ratio in ratios]))
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
@@ -338,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         f", {args.dtype} on {args.device}, background_decode {args.background_decode}. Workload: {args.clients} "
         f"closed-loop gRPC clients; short = "
         f"{args.short_steps} steps, long = {args.long_steps} steps; sizes "
-        f"{' and '.join(f'{s}x{s}' for s in args.sizes)}; {args.warmup} warm-up + {args.requests} measured "
-        f"requests per mode; seed {args.seed}.",
+        f"{' and '.join(f'{s}x{s}' for s in args.sizes)}; {args.rounds} round(s) of the three modes in turn, each "
+        f"{args.warmup} warm-up + {args.requests} measured requests per mode; seed {args.seed}. req/s: median "
+        "over the rounds; latencies: percentiles over all rounds' requests.",
         "In process, batch 1 unless said: " + "; ".join(
             f"{s}x{s} transformer step batch {b}: {t:.1f} ms ({t / b:.1f} ms/request)" + (f", VAE decode {v:.0f} ms"
             if b == 1 else "") for (s, b), (t, v) in probe.items()),
@@ -355,9 +399,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{lg['n']} | {lg['p50_s']:.2f} s | {lg['p99_s']:.2f} s | {s['mean_step_batch']:.2f} | "
             f"{s['other_load_cores']:.2f} cores |"
         )
+    per_round = ", ".join(f"{a:.2f}x / {b:.2f}" for a, b in ratios)
     lines.append(
-        f"\nThroughput (c) / (a): {speedup:.2f}x (target >= 1.7x: {'met' if speedup >= 1.7 else 'NOT met'}). "
-        f"Short p50 (c) / (b): {short_ratio:.2f} (target <= 0.33: {'met' if short_ratio <= 1 / 3 else 'NOT met'})."
+        f"\nMedians over the rounds of each round's ratios ({per_round}): throughput (c) / (a) {speedup:.2f}x "
+        f"(target >= 1.7x: {'met' if speedup >= 1.7 else 'NOT met'}); short p50 (c) / (b) {short_ratio:.2f} "
+        f"(target <= 0.33: {'met' if short_ratio <= 1 / 3 else 'NOT met'})."
     )
     (args.out / "step_batching.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

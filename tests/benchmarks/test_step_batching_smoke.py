@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_step_batching_smoke(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.step_batching", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.step_batching", "--smoke", "--rounds", "2", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -29,7 +29,8 @@ def test_step_batching_smoke(tmp_path: Path) -> None:
     assert float(by_mode["none"]["mean_step_batch"]) == 1.0  # max_num_seqs 1 never batches
     for row in rows:
         assert float(row["throughput_rps"]) > 0 and 0 < float(row["p50_s"]) <= float(row["p99_s"]), row
-    assert sum(int(r["n"]) for r in rows if r["mode"] == "step") == 6
-    assert "| (c) step-level |" in (tmp_path / "step_batching.md").read_text()
+    assert sum(int(r["n"]) for r in rows if r["mode"] == "step") == 2 * 6  # both rounds' windows
+    report = (tmp_path / "step_batching.md").read_text()
+    assert "| (c) step-level |" in report and report.count("x / ") == 2  # each round's ratios
     for name in ("step_batching_latency.png", "step_batching_throughput.png"):
         assert (tmp_path / name).stat().st_size > 1000
