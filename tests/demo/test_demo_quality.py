@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from omni_backend.demo import shapes
-from omni_backend.demo.quality import evaluate, save_grid
+from omni_backend.demo.quality import evaluate, save_grid, shape_word_effect
 
 
 def draw_the_caption(prompt: str, seed: int) -> np.ndarray:
@@ -39,3 +39,13 @@ def test_grid_has_one_cell_per_picture(tmp_path: Path) -> None:
     # the first picture sits in the top-left cell, at 2x
     first = np.asarray(grid)[2 : 2 + 128 : 2, 11 : 11 + 128 : 2]
     assert np.array_equal(first, report.samples[0][1])
+
+
+def test_the_shape_word_effect_tells_a_reader_from_a_model_ignoring_the_word() -> None:
+    assert shape_word_effect(draw_the_caption, n=30, seed=2) == 1.0
+
+    def ignores_the_shape_word(prompt: str, seed: int) -> np.ndarray:
+        scene = shapes.Scene.parse(prompt)
+        return draw_the_caption(f"a {scene.color} circle on a {scene.background} background", seed)
+
+    assert shape_word_effect(ignores_the_shape_word, n=30, seed=2) == 0.0
