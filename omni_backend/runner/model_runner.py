@@ -204,17 +204,11 @@ class ModelRunner:
         if not requests:
             return {r.request_id for r in joining}
         started = self._clock()
+        # edit and image-to-video families encode their input images with the VAE (encode, prepare)
+        vae = self._vae if any(r.input_image is not None for r in requests) else contextlib.nullcontext()
         try:
-            to_encode = [r for r in requests if r.conditioning is None]
-            encoded = iter(run_batched(self.stages.encode, to_encode, "text encoding") if to_encode else [])
-            for request in requests:
-                conditioning = request.conditioning if request.conditioning is not None else next(encoded)
-                if isinstance(conditioning, Failed):
-                    self._fail_one(request.request_id, conditioning.message, result)
-                    continue
-                # edit and image-to-video families encode their input image with the VAE here
-                with self._vae if request.input_image is not None else contextlib.nullcontext():
-                    self.states[request.request_id] = self.stages.prepare(request, conditioning)
+            with vae:
+                self._encode_and_prepare(requests, result)
         except Exception as exc:  # one batched encode: its fault fails every joiner
             answered = {o.request_id for o in result.finished}
             ids = [r.request_id for r in requests if r.request_id not in answered]
@@ -231,6 +225,16 @@ class ModelRunner:
             if request.request_id in self.states:
                 self.states[request.request_id].timings.encode_s = elapsed
         return {r.request_id for r in joining if r.request_id not in self.states}
+
+    def _encode_and_prepare(self, requests: list[DiffusionRequest], result: StepResult) -> None:
+        to_encode = [r for r in requests if r.conditioning is None]
+        encoded = iter(run_batched(self.stages.encode, to_encode, "text encoding") if to_encode else [])
+        for request in requests:
+            conditioning = request.conditioning if request.conditioning is not None else next(encoded)
+            if isinstance(conditioning, Failed):
+                self._fail_one(request.request_id, conditioning.message, result)
+            else:
+                self.states[request.request_id] = self.stages.prepare(request, conditioning)
 
     def _acquire_loras(self, joining: Sequence[DiffusionRequest], result: StepResult) -> list[DiffusionRequest]:
         """Make the joiners' adapters resident; a request whose adapter fails to load fails alone."""

@@ -354,6 +354,37 @@ def test_a_background_decode_fault_fails_its_request_and_the_engine_keeps_servin
     assert after.outputs["good"].error is None
 
 
+def test_a_joiner_with_an_input_image_waits_for_the_decode_thread(stages):
+    """Edit and image-to-video families run the VAE on their input image while encoding: video VAEs keep
+    per-call caches on the module, so that waits for a background decode (text-only joiners do not)."""
+    runner = ModelRunner(stages, RunnerOutput.IMAGE, background_decode=True)
+    encodes: list[bool] = []  # whether the held decode had been let go when each encode ran
+
+    def encode(requests):
+        encodes.append(decode.gate.is_set())
+        return FluxStages.encode(stages, requests)
+
+    with GatedDecode(stages) as decode:
+        stages.encode = encode
+        try:
+            runner.execute(StepPlan(admitted=[request("a", steps=1)], running_ids=["a"]))
+            assert decode.entered.wait(30)
+            runner.execute(StepPlan(admitted=[request("text", steps=2)], running_ids=["text"]))  # not held
+            with_image = replace(request("image", steps=1), input_image=np.zeros((32, 32, 3), np.uint8))
+            joined = threading.Thread(
+                target=runner.execute, args=(StepPlan(admitted=[with_image], running_ids=["image"]),)
+            )
+            joined.start()
+            joined.join(0.3)
+            assert joined.is_alive(), "the joiner with an input image did not wait for the decode"
+            decode.gate.set()
+            joined.join(30)
+        finally:
+            del stages.encode
+    assert encodes == [False, False, True]
+    runner.close()
+
+
 def test_wait_decoded_returns_after_the_held_decode(stages):
     """What control ops wait for; a runner driven directly (warm-up) reads the outputs from the future."""
     runner = ModelRunner(stages, RunnerOutput.IMAGE, background_decode=True)
