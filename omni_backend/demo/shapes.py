@@ -88,6 +88,19 @@ def shape_mask(shape: str, height: float, top: float, left: float, size: int = S
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def shape_word_pixels(mask: np.ndarray) -> np.ndarray:
+    """Pixels where a circle, a square and a triangle with ``mask``'s bounding box differ: what the
+    shape word alone decides once position and size are known (training weighs them up)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(rows) == 0:
+        return np.zeros_like(mask)
+    # the box read back from the pixels: a triangle's apex row may hold no pixel centre, so its box can
+    # sit one pixel low (what the committed checkpoint was trained with)
+    height = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+    masks = [shape_mask(shape, height, float(rows[0]), float(cols[0]), mask.shape[0]) for shape in SHAPES]
+    return np.logical_or.reduce(masks) & ~np.logical_and.reduce(masks)
+
+
 def render(scene: Scene, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """uint8 [size, size, 3] picture of ``scene`` at a random position and size."""
     height = rng.uniform(MIN_HEIGHT, MAX_HEIGHT) * size

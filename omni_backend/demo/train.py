@@ -19,6 +19,10 @@ Three phases, all seeded (same arguments and torch build, same weights):
    ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` is uniform then shifted by the
    same ``exp(mu)`` the pipeline's dynamic shifting applies at 64 tokens, so training covers
    exactly the sigmas sampling visits. The saved weights are an exponential moving average.
+   The shape word is the hardest thing to learn: it decides only the pixels where the three shapes
+   of a box differ, and only while t is in ``SHAPE_BAND``; so those pixels' latent tokens weigh
+   ``1 + edge_weight`` in the MSE, and ``band_fraction`` of each batch draws t from the band.
+   ``caption_dropout`` of the pictures train with the empty caption (true CFG at sampling).
 
 Writes ``DIR`` (``FluxPipeline.save_pretrained`` layout, safetensors) and, beside the weights,
 ``DIR/training/loss.csv`` and ``loss.png``.
@@ -50,6 +54,9 @@ from omni_backend.testing.tokenizers import CORPUS, build_clip_tokenizer, build_
 # 512 makes training and serving ~20x cheaper at this size. The T5 tokenizer saved with the checkpoint
 # declares it (``model_max_length``), so the served model uses it without a config parameter.
 MAX_SEQUENCE_LENGTH = 8
+# Where sampling decides the shape: pictures noised to t0 and sampled back keep their shape from 0.6,
+# lose it from 0.8 (and a model that ignores the shape word cannot get it back there)
+SHAPE_BAND = (0.55, 0.9)
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,11 @@ class TrainConfig:
     vae_crop: int = 32  # the VAE is fully convolutional: it learns edges and colors on crops, 4x cheaper
     vae_lr: float = 2e-3
     latents: int = 8192  # pictures encoded once for the transformer phase
-    steps: int = 6000  # the committed checkpoint: a 10000-step run stopped at 6000 (snapshots are exact)
+    steps: int = 14000
     batch: int = 16
     lr: float = 1e-3
     ema: float = 0.995
-    save_every: int = 500
+    save_every: int = 1000
     hidden: int = 128  # transformer width = heads x head dim
     layers: int = 2  # double-stream blocks
     single_layers: int = 2
@@ -75,7 +82,11 @@ class TrainConfig:
     vae_groups: int = 1
     text_dim: int = 32
     train_text: bool = False  # train both text encoders with the transformer (else frozen random)
-    caption_dropout: float = 0.0  # fraction of pictures trained with the empty caption (enables true CFG)
+    caption_dropout: float = 0.1  # fraction of pictures trained with the empty caption (enables true CFG)
+    # extra MSE weight of the latent tokens over the pixels where the three shapes of the picture's box
+    # differ (shapes.shape_word_pixels): all the shape word decides, a few % of a picture
+    edge_weight: float = 8.0
+    band_fraction: float = 0.5  # fraction of each batch with t uniform in SHAPE_BAND instead of the pipeline's
 
 
 def build_components(cfg: TrainConfig) -> dict[str, object]:
@@ -252,27 +263,35 @@ def set_latent_statistics(vae, seed: int) -> None:
 
 
 @torch.no_grad()
-def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pool of ``cfg.latents`` pictures as normalized, packed latents [N, 64, 64] and caption ids [N].
+def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pool of ``cfg.latents`` pictures: normalized, packed latents [N, 64, 64], caption ids [N] and,
+    per latent token [N, 64], the fraction of its pixels the shape word decides (shapes.shape_word_pixels).
 
     Encoding is what a training step would spend most on; the pool is reused with fresh noise and
     timesteps every epoch (positions and sizes are continuous, so 12k pictures rarely repeat a layout).
     """
     index = {scene: i for i, scene in enumerate(shapes.all_scenes())}
-    vae, latents, ids = pipe.vae, [], []
+    vae, latents, ids, decisive = pipe.vae, [], [], []
     for chunk in tqdm(range(0, cfg.latents, 256), desc="encode", dynamic_ncols=True):
         x, scenes = pictures(min(256, cfg.latents - chunk), seed=3_000_000 * (cfg.seed + 1) + chunk)
         z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        latents.append(pipe._pack_latents(z, *z.shape))
+        packed = pipe._pack_latents(z, *z.shape)
+        latents.append(packed)
         ids += [index[scene] for scene in scenes]
-    return torch.cat(latents), torch.tensor(ids)
+        side = math.isqrt(packed.shape[1])  # tokens per side
+        for picture, scene in zip(x, scenes, strict=True):
+            background = torch.tensor(shapes.PALETTE[scene.background], dtype=torch.float32) / 127.5 - 1
+            mask = ((picture - background[:, None, None]).abs().amax(0) > 1e-3).numpy()
+            pixels = torch.from_numpy(shapes.shape_word_pixels(mask)).float()[None, None]
+            decisive.append(torch.nn.functional.avg_pool2d(pixels, shapes.SIZE // side).flatten())
+    return torch.cat(latents), torch.tensor(ids), torch.stack(decisive)
 
 
 def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One rectified-flow batch from the pool: transformer inputs and the velocity target."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    latents, ids = pool
+    latents, ids, decisive = pool
     pick = torch.randint(len(ids), (cfg.batch,), generator=generator)
     x0, caption = latents[pick], ids[pick]
     if cfg.caption_dropout > 0:  # (drawn only then: the committed run's random stream stays as it was)
@@ -283,6 +302,10 @@ def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -
     mu = calculate_shift(x0.shape[1], conf.base_image_seq_len, conf.max_image_seq_len, conf.base_shift, conf.max_shift)
     u = torch.rand(cfg.batch, generator=generator).clamp(min=1e-3)
     t = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # the pipeline's time_shift of a uniform t
+    if cfg.band_fraction > 0:  # (drawn only then, as for caption dropout)
+        band = torch.rand(cfg.batch, generator=generator) < cfg.band_fraction
+        low, high = SHAPE_BAND
+        t = torch.where(band, low + (high - low) * torch.rand(cfg.batch, generator=generator), t)
     side = int(math.isqrt(x0.shape[1]))  # packed tokens per side
     embeds, pooled = text
     return {
@@ -293,6 +316,7 @@ def flow_batch(pipe, pool, text, cfg: TrainConfig, generator: torch.Generator) -
         "txt_ids": torch.zeros(embeds.shape[1], 3),
         "img_ids": pipe._prepare_latent_image_ids(cfg.batch, side, side, x0.device, x0.dtype),
         "target": noise - x0,
+        "weight": 1 + cfg.edge_weight * decisive[pick],  # per token
     }
 
 
@@ -341,9 +365,12 @@ def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
         if cfg.train_text:  # 169 captions of 8 tokens: encoding them all each step costs little
             text = encode_captions()
         batch = flow_batch(pipe, pool, text, cfg, generator)
-        target = batch.pop("target")
+        target, weight = batch.pop("target"), batch.pop("weight")
         pred = transformer(**batch, guidance=None, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, target)
+        if cfg.edge_weight > 0:
+            loss = ((pred - target).pow(2).mean(-1) * weight).sum() / weight.sum()
+        else:
+            loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -405,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = ("seed", "vae_steps", "vae_batch", "vae_crop", "latents", "steps", "batch", "save_every", "hidden")
     for name in (*ints, "layers", "single_layers"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("vae_lr", "lr", "ema", "caption_dropout"):
+    for name in ("vae_lr", "lr", "ema", "caption_dropout", "edge_weight", "band_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
     parser.add_argument(

@@ -87,3 +87,17 @@ def test_wrong_picture_scores_zero() -> None:
     image = shapes.render(Scene("red", "square", "blue"), np.random.default_rng(0))
     accuracy.add(Scene("yellow", "circle", "black"), image)
     assert accuracy.rates() == {"background": 0.0, "color": 0.0, "shape": 0.0}
+
+
+def test_shape_word_pixels_are_where_the_three_shapes_differ() -> None:
+    square = shapes.shape_mask("square", 20.0, 10.0, 30.0)
+    decisive = shapes.shape_word_pixels(square)
+    circle, triangle = shapes.shape_mask("circle", 20.0, 10.0, 30.0), shapes.shape_mask("triangle", 20.0, 10.0, 30.0)
+    assert decisive[10, 30] and decisive[29, 49]  # corners: the square's alone
+    assert not decisive[25, 40]  # low centre: inside all three
+    assert not decisive[5, 5] and not decisive[10:30, 30:50].all()  # outside the box; not the whole box
+    assert np.array_equal(decisive, (square | circle | triangle) & ~(square & circle & triangle))
+    for shape in shapes.SHAPES:  # from the drawn pixels alone (the box read back to the pixel): nearly the same
+        found = shapes.shape_word_pixels(shapes.shape_mask(shape, 20.0, 10.0, 30.0))
+        assert (found & decisive).sum() / (found | decisive).sum() > (0.95 if shape != "triangle" else 0.75), shape
+    assert not shapes.shape_word_pixels(np.zeros((64, 64), bool)).any()
