@@ -90,4 +90,3 @@ def time_stages(
         print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
         del stages
     return rows
-

@@ -49,7 +49,11 @@ def test_served_image_equals_diffusers_flux_pipeline(demo_server):
     pipe = FluxPipeline.from_pretrained(DEMO_ROOT / "flux-shapes", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(  # the checkpoint's T5 tokenizer declares 8 tokens; FluxPipeline must be told
-        prompt, height=SIZE, width=SIZE, num_inference_steps=20, max_sequence_length=8,
+        prompt,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=20,
+        max_sequence_length=8,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     assert served.shape == (SIZE, SIZE, 3)

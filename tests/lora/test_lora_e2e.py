@@ -39,7 +39,11 @@ def lora_server(tmp_path_factory, model_root: Path, lora_dir: Path):
         shutil.copytree(REPOSITORY / model, repository / model)
     configure(repository, "flux", lora_dir=str(lora_dir), max_loras="1")
     configure(
-        repository, "flux_transformer", lora_dir=str(lora_dir), max_loras="2", pinned_loras="style2",
+        repository,
+        "flux_transformer",
+        lora_dir=str(lora_dir),
+        max_loras="2",
+        pinned_loras="style2",
         enable_control="true",  # list_loras
     )
     process = TritonServerProcess(repository, env_extra={"OMNI_MODEL_ROOT": str(model_root)})

@@ -183,7 +183,10 @@ def test_list_loras_control_op(stages, tiny_flux, lora_dir):
     config = ModelConfig("flux", str(tiny_flux), control=control_config, lora=lora, options=FluxOptions())
     control = RunnerControl(lambda: stages, config, Component.ALL, loras=loras)
     assert control.handle("list_loras", {}) == {
-        "available": sorted(ADAPTERS), "resident": ["style1"], "pinned": ["style1"], "max_loras": 2,
+        "available": sorted(ADAPTERS),
+        "resident": ["style1"],
+        "pinned": ["style1"],
+        "max_loras": 2,
     }
     with pytest.raises(ControlRefusedError, match="sleep level 2 is not supported with lora_dir"):
         control.handle("sleep", {"level": 2})  # PEFT-wrapped layers would not line up with a fresh load
