@@ -87,6 +87,8 @@ class TrainConfig:
     # differ (shapes.shape_word_pixels): all the shape word decides, a few % of a picture
     edge_weight: float = 8.0
     band_fraction: float = 0.5  # fraction of each batch with t uniform in SHAPE_BAND instead of the pipeline's
+    # the transformer's learning rate falls linearly to 0 over the last cooldown_steps (0: constant to the end)
+    cooldown_steps: int = 0
 
 
 def build_components(cfg: TrainConfig) -> dict[str, object]:
@@ -208,9 +210,17 @@ class LossLog:
         plt.close(fig)
 
 
-def warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant: a run stopped at step K equals a run of K steps (snapshots are exact)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int = 0, cooldown: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, constant, then (``cooldown`` > 0) a linear fall to 0 over the last ``cooldown`` of
+    ``total`` steps. Before the cool-down a run stopped at step K equals a run of K steps (exact snapshots)."""
+
+    def factor(step: int) -> float:
+        rising = min(1.0, (step + 1) / warmup)
+        return rising * min(1.0, (total - step) / cooldown) if cooldown > 0 else rising
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_vae(vae, cfg: TrainConfig, log: LossLog) -> None:
@@ -220,7 +230,7 @@ def train_vae(vae, cfg: TrainConfig, log: LossLog) -> None:
     of unit variance at initialization hides the signal for the first hundreds of steps.
     """
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = warmup(optimizer, 20)
+    schedule = lr_schedule(optimizer, warmup=20)
     generator = torch.Generator().manual_seed(cfg.seed)
     vae.train()
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)):
@@ -358,7 +368,7 @@ def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
     pool = encode_pictures(pipe, cfg)
     ema = EMA(trained, cfg.ema)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = warmup(optimizer, 50)
+    schedule = lr_schedule(optimizer, warmup=50, total=cfg.steps, cooldown=cfg.cooldown_steps)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     trained.train().requires_grad_(True)
     for step in (bar := tqdm(range(cfg.steps), desc="transformer", dynamic_ncols=True)):
@@ -430,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     defaults = TrainConfig()
     ints = ("seed", "vae_steps", "vae_batch", "vae_crop", "latents", "steps", "batch", "save_every", "hidden")
-    for name in (*ints, "layers", "single_layers"):
+    for name in (*ints, "layers", "single_layers", "cooldown_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("vae_lr", "lr", "ema", "caption_dropout", "edge_weight", "band_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, TrainConfig, build_components, main, train
+from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, TrainConfig, build_components, lr_schedule, main, train
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +91,17 @@ def test_text_encoders_stay_frozen_unless_trained(smoke_run: Path, tmp_path: Pat
     for folder in ("text_encoder", "text_encoder_2"):
         moved = [k for k in frozen if k.startswith(f"{folder}/") and not torch.equal(frozen[k], trained[k])]
         assert moved, f"{folder} did not train"
+
+
+@pytest.mark.parametrize("cooldown", [0, 4])
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero(cooldown: int) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = lr_schedule(optimizer, warmup=2, total=10, cooldown=cooldown)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    constant = [0.5] + [1.0] * 9
+    # the cool-down leaves the steps before it untouched (snapshots there equal shorter runs)
+    assert rates == (constant if cooldown == 0 else constant[:6] + [1.0, 0.75, 0.5, 0.25])
