@@ -3,6 +3,7 @@
     python -m omni_backend.demo.quality --checkpoint DIR [--n 100] [--steps 20] [--seed 0] [--grid FILE.png]
         [--true-cfg-scale S] [--word-effect]
     python -m omni_backend.demo.quality --url localhost:8001 [--protocol grpc] [--model flux] ...
+    python -m omni_backend.demo.quality --checkpoint DIR --renoise   # where sampling decides what
 
 For ``n`` random captions of the grammar, each with a random seed, it renders a 64x64 picture
 (in-process with diffusers' ``FluxPipeline``, or through a served model with ``omni_client``) and
@@ -106,6 +107,55 @@ def shape_word_effect(render: Render, n: int, seed: int) -> float:
     return changed / n
 
 
+def renoised_rates(
+    checkpoint: str | Path, n: int, seed: int, steps: int, swap_shape_word: bool = False
+) -> list[tuple[float, dict[str, float]]]:
+    """The data set's own pictures noised to the sigma of each of the ``steps``-step schedule's steps and
+    sampled back from there by diffusers' FluxPipeline (its shifted schedule, float32): the rates per
+    starting sigma say from which noise level on the model loses what. ``swap_shape_word`` captions each
+    picture with the next shape's word: rates that stay where they were mean the word is not read."""
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, pictures
+
+    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    x, scenes = pictures(n, seed=seed)
+    captions = [
+        replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % len(SHAPES)]).caption if swap_shape_word else s.caption
+        for s in scenes
+    ]
+    vae = pipe.vae
+    with torch.no_grad():
+        z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    x0 = pipe._pack_latents(z, *z.shape)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    conf = pipe.scheduler.config
+    mu = calculate_shift(x0.shape[1], conf.base_image_seq_len, conf.max_image_seq_len, conf.base_shift, conf.max_shift)
+    unshifted = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's default sigmas, before the scheduler's shift
+    rows = []
+    for start in range(0, steps, max(1, steps // 5)):
+        sigmas = unshifted[start:].tolist()
+        pipe.scheduler.set_timesteps(sigmas=sigmas, mu=mu)  # as the pipeline will: its first sigma is t0
+        t0 = float(pipe.scheduler.sigmas[0])
+        images = pipe(
+            captions,
+            height=SIZE,
+            width=SIZE,
+            sigmas=sigmas,
+            latents=(1 - t0) * x0 + t0 * noise,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            output_type="np",
+        ).images
+        accuracy = Accuracy()
+        for scene, image in zip(scenes, images, strict=True):
+            accuracy.add(scene, (image * 255).round().astype(np.uint8))
+        rows.append((t0, accuracy.rates()))
+    return rows
+
+
 def save_grid(samples: list[tuple[Scene, np.ndarray, Reading]], path: Path, columns: int = 6) -> None:
     """Pictures at 2x with their prompt underneath (red text where a classifier disagrees)."""
     width, height = 150, 2 * SIZE + 34  # room for "purple triangle" / "orange background"
@@ -141,7 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--word-effect", action="store_true", help="also measure how often the shape follows the shape word"
     )
+    parser.add_argument(
+        "--renoise",
+        action="store_true",
+        help="instead: the data set's pictures noised to several sigmas and sampled back, with their own and a "
+        "swapped shape word (--checkpoint only)",
+    )
     args = parser.parse_args(argv)
+    if args.renoise:
+        if args.checkpoint is None:
+            parser.error("--renoise needs --checkpoint")
+        print(f"{args.n} pictures noised to t0 and sampled back ({args.steps}-step schedule), {args.checkpoint}:")
+        own, swapped = (renoised_rates(args.checkpoint, args.n, args.seed, args.steps, swap) for swap in (False, True))
+        for (t0, rates), (_, other) in zip(own, swapped, strict=True):
+            line = "  ".join(f"{name} {rate:.0%}" for name, rate in rates.items())
+            print(f"t0 {t0:.2f}: {line}  (shape word swapped: shape {other['shape']:.0%})")
+        return 0
     if args.checkpoint is not None:
         render = local_renderer(args.checkpoint, args.steps, args.true_cfg_scale)
     else:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from omni_backend.demo import shapes
-from omni_backend.demo.quality import evaluate, save_grid, shape_word_effect
+from omni_backend.demo.quality import evaluate, renoised_rates, save_grid, shape_word_effect
 
 
 def draw_the_caption(prompt: str, seed: int) -> np.ndarray:
@@ -49,3 +50,17 @@ def test_the_shape_word_effect_tells_a_reader_from_a_model_ignoring_the_word() -
         return draw_the_caption(f"a {scene.color} circle on a {scene.background} background", seed)
 
     assert shape_word_effect(ignores_the_shape_word, n=30, seed=2) == 0.0
+
+
+@pytest.mark.slow
+def test_renoised_pictures_come_back_from_low_noise_and_degrade_from_pure_noise() -> None:
+    """On the committed checkpoint: sampled back from the schedule's last levels, the data set's pictures
+    keep what they show (the noising, the shifted sigmas and the decode line up); from t0 = 1 nothing of
+    the picture is left, so the rates are the model's own."""
+    checkpoint = Path(__file__).resolve().parents[2] / "demo" / "flux-shapes"
+    rows = renoised_rates(checkpoint, n=12, seed=3, steps=10)
+    levels = [t0 for t0, _ in rows]
+    assert len(levels) == 5 and round(levels[0], 2) == 1.0 and levels == sorted(levels, reverse=True), levels
+    _, last = rows[-1]
+    assert last["background"] == last["color"] == 1.0 and last["shape"] >= 0.9, last
+    assert rows[0][1]["shape"] < last["shape"], rows
