@@ -18,7 +18,9 @@ Three phases, all seeded (same arguments and torch build, same weights):
    with FLUX's rectified flow on fresh pictures encoded by the frozen VAE:
    ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` is uniform then shifted by the
    same ``exp(mu)`` the pipeline's dynamic shifting applies at 64 tokens, so training covers
-   exactly the sigmas sampling visits. The saved weights are an exponential moving average.
+   exactly the sigmas sampling visits. The learning rate is constant, then falls linearly to 0 over the
+   last ``cooldown_steps`` (53% shapes against 44% without it). The saved weights are an exponential
+   moving average.
    The shape word is the hardest thing to learn: it decides only the pixels where the three shapes
    of a box differ, and only while t is in ``SHAPE_BAND``; so those pixels' latent tokens weigh
    ``1 + edge_weight`` in the MSE, and ``band_fraction`` of each batch draws t from the band.
@@ -69,7 +71,7 @@ class TrainConfig:
     vae_crop: int = 32  # the VAE is fully convolutional: it learns edges and colors on crops, 4x cheaper
     vae_lr: float = 2e-3
     latents: int = 8192  # pictures encoded once for the transformer phase
-    steps: int = 14000
+    steps: int = 26000
     batch: int = 16
     lr: float = 1e-3
     ema: float = 0.995
@@ -88,7 +90,7 @@ class TrainConfig:
     edge_weight: float = 8.0
     band_fraction: float = 0.5  # fraction of each batch with t uniform in SHAPE_BAND instead of the pipeline's
     # the transformer's learning rate falls linearly to 0 over the last cooldown_steps (0: constant to the end)
-    cooldown_steps: int = 0
+    cooldown_steps: int = 6000
 
 
 def build_components(cfg: TrainConfig) -> dict[str, object]:

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow
 
 DEMO_ROOT = Path(__file__).resolve().parents[2] / "demo"  # holds flux-shapes, the name the repository serves
 PROMPTS = 16  # random captions of the grammar with random seeds, drawn from seed 2026: not hand-picked
-# What the committed checkpoint has learned (README: background 100%, color 97%, shape 36% on 100 prompts),
-# with room for chance on 16. Shapes are not learned well enough yet to assert (issue 9 stays open).
-MIN_RATES = {"background": 0.9, "color": 0.8}
+# What the committed checkpoint has learned (README: background 100%, color 98%, shape 53% on 100 prompts;
+# on these 16: 100%, 100%, 56%), with room for pictures near a classifier's cut that another CPU's float
+# rounding could flip: shape >= 7 of 16 (the checkpoint before it drew shapes at chance, ~1/3).
+MIN_RATES = {"background": 0.9, "color": 0.9, "shape": 0.4}
 
 
 @pytest.fixture(scope="module")
