@@ -110,10 +110,11 @@ def shape_word_effect(render: Render, n: int, seed: int) -> float:
 def renoised_rates(
     checkpoint: str | Path, n: int, seed: int, steps: int, swap_shape_word: bool = False
 ) -> list[tuple[float, dict[str, float]]]:
-    """The data set's own pictures noised to the sigma of each of the ``steps``-step schedule's steps and
-    sampled back from there by diffusers' FluxPipeline (its shifted schedule, float32): the rates per
-    starting sigma say from which noise level on the model loses what. ``swap_shape_word`` captions each
-    picture with the next shape's word: rates that stay where they were mean the word is not read."""
+    """The data set's own pictures noised to the sigma of five evenly spaced steps of the ``steps``-step
+    schedule (the first: pure noise) and sampled back from there by diffusers' FluxPipeline (its shifted
+    schedule, float32): the rates per starting sigma t0 say from which noise level on the model loses
+    what. ``swap_shape_word`` captions each picture with the next shape's word: rates that stay where
+    they were mean the word is not read."""
     import torch
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
