@@ -119,7 +119,7 @@ def renoised_rates(
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, pictures
+    from omni_backend.demo.train import MAX_SEQUENCE_LENGTH, packed_latents, pictures
 
     pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -128,10 +128,7 @@ def renoised_rates(
         replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % len(SHAPES)]).caption if swap_shape_word else s.caption
         for s in scenes
     ]
-    vae = pipe.vae
-    with torch.no_grad():
-        z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-    x0 = pipe._pack_latents(z, *z.shape)
+    x0 = packed_latents(pipe, x)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     conf = pipe.scheduler.config
     mu = calculate_shift(x0.shape[1], conf.base_image_seq_len, conf.max_image_seq_len, conf.base_shift, conf.max_shift)

@@ -275,6 +275,15 @@ def set_latent_statistics(vae, seed: int) -> None:
 
 
 @torch.no_grad()
+def packed_latents(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Pictures [N, 3, 64, 64] as the transformer sees them: VAE means, normalized as FLUX's VAE config
+    says, packed 2x2 into tokens [N, 64, 64]."""
+    vae = pipe.vae
+    z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    return pipe._pack_latents(z, *z.shape)
+
+
+@torch.no_grad()
 def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pool of ``cfg.latents`` pictures: normalized, packed latents [N, 64, 64], caption ids [N] and,
     per latent token [N, 64], the fraction of its pixels the shape word decides (shapes.shape_word_pixels).
@@ -283,11 +292,10 @@ def encode_pictures(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor,
     timesteps every epoch (positions and sizes are continuous, so 12k pictures rarely repeat a layout).
     """
     index = {scene: i for i, scene in enumerate(shapes.all_scenes())}
-    vae, latents, ids, decisive = pipe.vae, [], [], []
+    latents, ids, decisive = [], [], []
     for chunk in tqdm(range(0, cfg.latents, 256), desc="encode", dynamic_ncols=True):
         x, scenes = pictures(min(256, cfg.latents - chunk), seed=3_000_000 * (cfg.seed + 1) + chunk)
-        z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        packed = pipe._pack_latents(z, *z.shape)
+        packed = packed_latents(pipe, x)
         latents.append(packed)
         ids += [index[scene] for scene in scenes]
         side = math.isqrt(packed.shape[1])  # tokens per side
@@ -379,10 +387,7 @@ def train_transformer(pipe, cfg: TrainConfig, log: LossLog, out: Path) -> None:
         batch = flow_batch(pipe, pool, text, cfg, generator)
         target, weight = batch.pop("target"), batch.pop("weight")
         pred = transformer(**batch, guidance=None, return_dict=False)[0]
-        if cfg.edge_weight > 0:
-            loss = ((pred - target).pow(2).mean(-1) * weight).sum() / weight.sum()
-        else:
-            loss = torch.nn.functional.mse_loss(pred, target)
+        loss = ((pred - target).pow(2).mean(-1) * weight).sum() / weight.sum()  # plain MSE at edge_weight 0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
