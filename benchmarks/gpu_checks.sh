@@ -6,6 +6,7 @@
 #   3. Qwen-Image through diffusers, Wan2.2-T2V-A14B through diffusers and our stages,
 #   4. step-level batching through tritonserver (benchmarks/step_batching.py, FLUX.1's block width),
 #   5. not in the default run: step-level batching without background decoding (step_batching_inline),
+#      where the engine's time goes under that load, in process (engine_profile),
 #      Wan2.2's resident and layerwise offload rows alone (wan22_layerwise; step 3 has them), the offload
 #      tests alone (offload_cuda), and the parallel-modes benchmark on this machine's quiet cores plus its
 #      single-GPU loop (parallel).
@@ -72,10 +73,13 @@ step_batching() {  # step_batching NAME BACKGROUND_DECODE
     mkdir -p "$OUT/$1"
     step "$1" "${SB_LIMIT:-330}" env OMNI_NUMPY1=1 python3 -m benchmarks.step_batching --checkpoint wide --device cuda \
         --dtype bfloat16 --sizes ${SB_SIZES:-256 512} --warmup 8 --requests "${SB_REQUESTS:-48}" --quiet-wait 5 \
-        --background-decode "$2" --out "$OUT/$1" --server-log "$OUT/$1/server.log"
+        --rounds "${SB_ROUNDS:-1}" --background-decode "$2" --out "$OUT/$1" --server-log "$OUT/$1/server.log"
 }
 step_batching step_batching auto
 step_batching step_batching_inline false  # the same without background decoding (not in the default run)
+# where the engine's time goes, in process: the same load, each mode's host phases and device share (not default)
+step engine_profile 240 env OMNI_NUMPY1=1 python3 -m benchmarks.engine_profile --checkpoint wide --device cuda --dtype bfloat16 \
+    --sizes ${SB_SIZES:-256 512} --modes ${EP_MODES:-none request step}
 step wan22_layerwise 270 python3 -m benchmarks.full_size --family wan22_t2v --ours --offload none layerwise \
     --steps 2 --repeats 1 --out "$OUT/full_size.csv"
 step offload_cuda 120 python3 -m pytest -q -s -p no:cacheprovider -k cuda tests/acceleration/test_offload.py

@@ -74,6 +74,22 @@ def test_batch_of_three_matches_diffusers_with_one_call_per_step(stages, flux_re
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 1, "different prompts and seeds gave the same image"
 
 
+def test_each_request_keeps_its_guidance_scale_in_a_shared_call(stages, flux_reference):
+    # the guidance embedding's input is made once per request (on the device) and batched per call
+    scales = (1.5, 6.0)
+    requests = [
+        DiffusionRequest(str(i), SamplingParams(64, 64, 3, scale, 1.0, 5), prompt="a blue square")
+        for i, scale in enumerate(scales)
+    ]
+    outputs, calls = run(stages, requests)
+    assert calls == 3
+    for i, scale in enumerate(scales):
+        expected = flux_reference("a blue square", 5, guidance_scale=scale, height=64, width=64, num_inference_steps=3)
+        assert_same_image(outputs[str(i)].outputs["image"], expected)
+    a, b = outputs["0"].outputs["image"], outputs["1"].outputs["image"]
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1, "the guidance scale changed nothing"
+
+
 def test_stage_split_matches_one_model(tiny_flux, stages):
     """Ensemble path in-process: text-encoder stage -> transformer stage (latents) -> VAE stage."""
     load = lambda c: FluxStages.load(str(tiny_flux), c, torch.float32, torch.device("cpu"), FluxOptions())  # noqa: E731

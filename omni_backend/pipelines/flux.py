@@ -46,6 +46,9 @@ class FluxState(DenoiseState):
     conditioning: Conditioning | None = None
     latent_image_ids: torch.Tensor | None = None  # rotary positions of the packed latents
     do_true_cfg: bool = False  # negative prompt given and true_cfg_scale > 1, as FluxPipeline decides
+    # [1] float32 on the device, for guidance-distilled checkpoints (None otherwise). Made once: a copy
+    # from host memory at every step would make the engine thread wait for all queued kernels first.
+    guidance: torch.Tensor | None = None
 
 
 class FluxStages(PipelineStages):
@@ -220,6 +223,9 @@ class FluxStages(PipelineStages):
         )
         timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
+        guidance = None
+        if transformer.config.get("guidance_embeds"):  # LongCat-Image's transformer has no such field
+            guidance = torch.full((1,), params.guidance_scale, device=self.device, dtype=torch.float32)
         return FluxState(
             request=request,
             latents=latents,
@@ -228,6 +234,7 @@ class FluxStages(PipelineStages):
             conditioning=conditioning,
             latent_image_ids=latent_image_ids,
             do_true_cfg=params.true_cfg_scale > 1 and "negative_prompt_embeds" in conditioning,
+            guidance=guidance,
         )
 
     # ------------------------------------------------------------------ 3. denoise
@@ -254,11 +261,7 @@ class FluxStages(PipelineStages):
         latents = torch.cat([s.latents for s, _ in rows])
         dtype = latents.dtype
         timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(dtype)
-        guidance = None
-        if self.pipe.transformer.config.guidance_embeds:
-            guidance = torch.tensor(
-                [s.request.params.guidance_scale for s, _ in rows], device=self.device, dtype=torch.float32
-            )
+        guidance = torch.cat([s.guidance for s, _ in rows]) if rows[0][0].guidance is not None else None
         text = torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
         return {
             "hidden_states": latents,
