@@ -61,7 +61,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 }
 
 step cuda_tests 180 python3 -m pytest -q -s -p no:cacheprovider -k "cuda or sleep_frees_device_memory" \
-    tests/acceleration/test_offload.py tests/control/test_control_engine.py
+    tests/acceleration/test_offload.py tests/control/test_control_engine.py tests/engine/test_engine.py
 step flux 240 python3 -m benchmarks.full_size --family flux --ours --repeats 2 --out "$OUT/full_size.csv"
 step flux_batch4 240 python3 -m benchmarks.full_size --family flux --ours --batch 4 --repeats 1 \
     --out "$OUT/full_size.csv"

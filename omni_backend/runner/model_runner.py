@@ -17,6 +17,7 @@ import enum
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -270,7 +271,7 @@ class ModelRunner:
         elif self._decoder is None:
             result.finished += self._decode(done, latents)
         else:
-            result.decoding.append(Decoding(ids, self._decoder.submit(self._decode, done, latents)))
+            result.decoding.append(Decoding(ids, self._decoder.submit(partial(self._decode, done), latents)))
 
     def _decode(self, done: list[DenoiseState], latents: list[torch.Tensor]) -> list[DiffusionOutput]:
         """Decode finished requests (one batched VAE pass); every fault becomes an error output."""

@@ -19,6 +19,7 @@ from omni_backend.pipelines.base import Component
 from omni_backend.pipelines.flux import FluxOptions, FluxStages
 from omni_backend.request import DiffusionOutput, DiffusionRequest, ErrorKind, SamplingParams
 from omni_backend.runner.model_runner import PREVIEW_MAX_SIDE, ModelRunner, RunnerOutput, downscale_preview
+from omni_backend.testing.compare import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,25 @@ def test_images_are_the_same_decoded_in_the_background(stages):
     background = run_to_completion(background_engine(stages), requests())
     for request_id, image in inline.items():
         np.testing.assert_array_equal(background[request_id], image)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_background_decode_runs_on_its_own_stream_with_the_same_images(tiny_flux):
+    stages = FluxStages.load(str(tiny_flux), Component.ALL, torch.float32, torch.device("cuda"), FluxOptions())
+
+    def requests() -> list[DiffusionRequest]:  # decodes of the short ones overlap the long one's steps
+        return [request("a", seed=1, steps=2), request("b", seed=2, steps=12), request("c", seed=3, steps=4)]
+
+    inline = run_to_completion(DiffusionEngine(ModelRunner(stages, RunnerOutput.IMAGE), EngineConfig()), requests())
+    streams, original = [], stages.decode
+    stages.decode = lambda latents: (streams.append(torch.cuda.current_stream()), original(latents))[1]
+    try:
+        background = run_to_completion(background_engine(stages), requests())
+    finally:
+        stages.decode = original
+    assert streams and all(s != torch.cuda.default_stream() for s in streams), "decoded on the default stream"
+    for request_id, image in inline.items():
+        assert_same_image(background[request_id], image)
 
 
 def test_a_finished_request_leaves_the_batch_while_it_is_decoded(stages):
