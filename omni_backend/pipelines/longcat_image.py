@@ -54,6 +54,10 @@ class LongCatImageStages(FluxStages):
     options_cls = LongCatImageOptions
     transformer_cls = LongCatImageTransformer2DModel
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._text_ids: dict[tuple[int, torch.device], torch.Tensor] = {}  # see text_ids
+
     @classmethod
     def load(
         cls, checkpoint: str, components: Component, dtype: torch.dtype, device: torch.device, options: Any
@@ -152,14 +156,22 @@ class LongCatImageStages(FluxStages):
         latents = torch.cat([s.latents for s, _ in rows])
         timestep = torch.stack([s.timesteps[s.step_index] for s, _ in rows]).to(latents.dtype)
         text = torch.stack([s.conditioning[f"{p}prompt_embeds"] for s, p in rows])
-        txt_ids = prepare_pos_ids(modality_id=0, type="text", start=(0, 0), num_token=text.shape[1])
         return {
             "hidden_states": latents,
             "timestep": timestep / 1000,
             "encoder_hidden_states": text,
-            "txt_ids": txt_ids.to(self.device),
+            "txt_ids": self.text_ids(text.shape[1]),
             "img_ids": rows[0][0].latent_image_ids,
         }
+
+    def text_ids(self, length: int) -> torch.Tensor:
+        """The text tokens' rotary positions on the device, made once per length: a copy from host memory
+        at every step would make the engine thread wait for all queued kernels before each call."""
+        key = (length, self.device)
+        if key not in self._text_ids:
+            ids = prepare_pos_ids(modality_id=0, type="text", start=(0, 0), num_token=length)
+            self._text_ids[key] = ids.to(self.device)
+        return self._text_ids[key]
 
     def guide(self, state: DenoiseState, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """LongCatImagePipeline's CFG: ``guidance_scale``, then the renorm (its float operations, in its order)."""
