@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.overhead import PROMPT
-from benchmarks.step_batching import CLASSES, MODES, build_checkpoint
+from benchmarks.step_batching import CLASSES, MODES, build_checkpoint, client_plan, run_clients
 from omni_backend.config import EngineConfig
 from omni_backend.engine.engine import DiffusionEngine
 from omni_backend.pipelines.base import Component
@@ -71,8 +70,7 @@ def closed_loop(engine: DiffusionEngine, args: argparse.Namespace, count: int, s
     done, errors = [0], list[str]()
 
     def client(index: int) -> None:
-        plan = [(cls, getattr(args, f"{cls}_steps"), size) for cls in CLASSES for size in args.sizes] * 2
-        random.Random(seed * 1000 + index).shuffle(plan)
+        plan = client_plan(args, seed, index)
         n = 0
         while not finished.is_set():
             cls, steps, size = plan[n % len(plan)]
@@ -93,11 +91,7 @@ def closed_loop(engine: DiffusionEngine, args: argparse.Namespace, count: int, s
                     finished.set()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_clients(args.clients, client)
     if errors:
         raise RuntimeError(f"a request failed: {errors[0]}")
     return {"seconds": time.perf_counter() - started, "latencies": latencies}

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,22 @@ class ModeRun:
     other_load: float
 
 
+def client_plan(args: argparse.Namespace, seed: int, index: int) -> list[tuple[str, int, int]]:
+    """What client ``index`` sends, cycled: a seeded shuffle of (class, steps, size), each pair twice."""
+    plan = [(cls, getattr(args, f"{cls}_steps"), size) for cls in CLASSES for size in args.sizes] * 2
+    random.Random(seed * 1000 + index).shuffle(plan)
+    return plan
+
+
+def run_clients(count: int, client: Callable[[int], None]) -> None:
+    """``client(0) .. client(count - 1)`` on threads of their own; returns when all have."""
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace, round_: int) -> ModeRun:
     """Closed-loop load on ``flux_<mode>`` (round ``round_`` draws its own seeds)."""
     model = f"flux_{mode}"
@@ -212,8 +229,7 @@ def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace, r
     seed = args.seed + 7919 * round_
 
     def worker(index: int) -> None:
-        plan = [(cls, getattr(args, f"{cls}_steps"), size) for cls in CLASSES for size in args.sizes] * 2
-        random.Random(seed * 1000 + index).shuffle(plan)
+        plan = client_plan(args, seed, index)
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             n = 0
@@ -233,11 +249,7 @@ def run_mode(server: TritonServerProcess, mode: str, args: argparse.Namespace, r
         finally:
             client.close()
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_clients(args.clients, worker)
     if errors:
         raise RuntimeError(f"{model}: a request failed") from errors[0]
     after = batch_size_stats(server.metrics_url, model)
