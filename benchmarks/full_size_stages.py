@@ -24,6 +24,7 @@ from omni_backend.engine.observer import AccelerationObserver
 from omni_backend.registry import resolve_family
 from omni_backend.request import DiffusionRequest, SamplingParams
 from omni_backend.runner.acceleration import apply_acceleration
+from omni_backend.testing.compare import fraction_close
 
 OFFLOAD_MODES = ("none", "model", "layerwise")
 # the families this path drives, and the options that make their stages match the diffusers call
@@ -76,6 +77,7 @@ def time_stages(
             images.update(out)
         expected = (np.clip(reference, 0, 1) * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
         max_err = int(np.abs(images[f"{mode}-1"].astype(int) - expected.astype(int)).max())
+        within = fraction_close(images[f"{mode}-1"], expected)  # DESIGN section 4's measure of "the same image"
         peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
         rows.append({
             "family": family, "path": f"ours, offload {mode}",
@@ -85,7 +87,7 @@ def time_stages(
             "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
             "s_per_output": round(statistics.median(times) / args.batch, 3), "peak_gb": round(peak_gb, 2),
             "max_err_vs_diffusers": max_err,
-            "torch": torch.__version__,
+            "torch": torch.__version__, "within_1_level": round(within, 4),
         })  # fmt: skip
         print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
         del stages
